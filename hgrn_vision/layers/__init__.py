@@ -1,0 +1,2 @@
+"""Layers reusable beside the models."""
+from .hgru import HgruMixer, hgru_theta_init

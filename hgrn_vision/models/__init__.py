@@ -1,0 +1,2 @@
+"""timm model entries; importing this registers them."""
+from .hgrn_deit import *

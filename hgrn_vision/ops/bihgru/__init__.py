@@ -1,0 +1,100 @@
+r"""The bidirectional complex HGRU scan, the token mixer's recurrence.
+
+Given the raw projections of a token sequence, `u` (B, N, 2C) from `input_proj` and `z` (B, N, C) from
+`lambda_proj`, a lower bound `gamma` (C,) and two angle vectors `theta_f`, `theta_r` (C,):
+
+    c_t   = silu(u_t),  read interleaved as complex numbers  c_t = c_t[0::2] + i c_t[1::2]       (B, N, C)
+    lam_t = gamma + (1 - gamma) sigmoid(z_t)                                                    in (gamma, 1)
+    v_t   = (1 - lam_t) c_t
+    hf_t  = lam_t e^{i theta_f} hf_{t-1} + v_t,   hf_{-1} = 0        (forward, t = 0 .. N-1)
+    hr_t  = lam_t e^{i theta_r} hr_{t+1} + v_t,   hr_N   = 0         (reverse, t = N-1 .. 0)
+    h_t   = hf_t + hr_t
+    out   = cat([Re h, Im h], -1)                                                               (B, N, 2C)
+
+Both directions use the gate of position t. The state is kept in float32 (float64 for float64 inputs)
+whatever the input dtype; the output has the dtype of `u`.
+
+Implementations (`impl=`):
+  'reference'  step-by-step loop (`naive.py`): the ground truth, float64-capable, TorchScript-able, slow.
+  'torch'      log-depth parallel scan (`parallel.py`): the fast path for the CPU and any device.
+  'triton'     the fused Triton kernel, forward and backward, for CUDA.
+`impl=None` picks the best one available for the inputs' device.
+"""
+from typing import Callable, Dict, Optional
+
+import torch
+from timm.layers import register_notrace_function
+
+from .naive import bihgru_scan_reference
+from .parallel import bihgru_scan_parallel
+
+__all__ = ['bihgru_scan', 'bihgru_scan_reference', 'bihgru_scan_parallel', 'available_impls', 'default_impl']
+
+_IMPLS: Dict[str, Callable[..., torch.Tensor]] = {
+    'reference': bihgru_scan_reference,
+    'torch': bihgru_scan_parallel,
+}
+
+
+def available_impls():
+    """Names accepted by `bihgru_scan(..., impl=)`."""
+    return tuple(_IMPLS)
+
+
+def default_impl(x: torch.Tensor) -> str:
+    """The implementation `impl=None` picks for a tensor on this device."""
+    if x.is_cuda and 'triton' in _IMPLS:
+        return 'triton'
+    return 'torch'
+
+
+def _check_inputs(u, z, gamma, theta_f, theta_r) -> None:
+    if u.ndim != 3 or z.ndim != 3:
+        raise ValueError(
+            f'bihgru_scan expects u of shape (B, N, 2C) and z of shape (B, N, C), got u {tuple(u.shape)} '
+            f'and z {tuple(z.shape)}.')
+    B, N, C = z.shape
+    if tuple(u.shape) != (B, N, 2 * C):
+        raise ValueError(
+            f'bihgru_scan expects u of shape (B, N, 2C) = {(B, N, 2 * C)} to match z {tuple(z.shape)}, '
+            f'got u {tuple(u.shape)}: u holds C complex numbers interleaved as (re, im) pairs.')
+    for name, t in (('gamma', gamma), ('theta_f', theta_f), ('theta_r', theta_r)):
+        if tuple(t.shape) != (C,):
+            raise ValueError(f'bihgru_scan expects {name} of shape (C,) = ({C},), got {tuple(t.shape)}.')
+    for name, t in (('z', z), ('gamma', gamma), ('theta_f', theta_f), ('theta_r', theta_r)):
+        if t.device != u.device:
+            raise ValueError(f'bihgru_scan expects all inputs on one device: u is on {u.device}, {name} on {t.device}.')
+        if not t.is_floating_point():
+            raise TypeError(f'bihgru_scan expects floating-point inputs, got {name} of dtype {t.dtype}.')
+    if u.dtype != z.dtype:
+        raise TypeError(f'bihgru_scan expects u and z of one dtype, got u {u.dtype} and z {z.dtype}.')
+
+
+@register_notrace_function
+def bihgru_scan(
+        u: torch.Tensor,
+        z: torch.Tensor,
+        gamma: torch.Tensor,
+        theta_f: torch.Tensor,
+        theta_r: torch.Tensor,
+        *,
+        impl: Optional[str] = None,
+) -> torch.Tensor:
+    """Bidirectional complex HGRU scan; see the module docstring for the math.
+
+    Args:
+        u: input-projection pre-activation (B, N, 2C), interleaved (re, im) pairs.
+        z: lambda-projection pre-activation (B, N, C).
+        gamma: lower bound of the forget gate (C,), in [0, 1).
+        theta_f: forward rotation angles (C,).
+        theta_r: reverse rotation angles (C,).
+        impl: 'reference', 'torch', 'triton', or None for the best available.
+
+    Returns:
+        (B, N, 2C) tensor `[Re h | Im h]` in the dtype of `u`.
+    """
+    _check_inputs(u, z, gamma, theta_f, theta_r)
+    impl = default_impl(u) if impl is None else impl
+    if impl not in _IMPLS:
+        raise ValueError(f'Unknown bihgru_scan impl {impl!r}; available: {available_impls()} or None.')
+    return _IMPLS[impl](u, z, gamma, theta_f, theta_r)

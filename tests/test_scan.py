@@ -1,0 +1,129 @@
+"""The scan op: reference against a naive complex loop, the 'torch' path against the reference."""
+import cmath
+import math
+
+import pytest
+import torch
+
+from hgrn_vision.ops import bihgru_scan, bihgru_scan_parallel, bihgru_scan_reference
+from hgrn_vision.ops.bihgru.parallel import _linear_scan
+
+from scan_inputs import make_scan_inputs, rel_err
+
+
+def naive_directions(u, z, gamma, theta_f, theta_r):
+    """Per-element Python complex arithmetic; returns hf, hr as nested lists [b][t][c] of complex."""
+    B, N, C = z.shape
+    silu = lambda x: x / (1 + math.exp(-x))
+    sig = lambda x: 1 / (1 + math.exp(-x))
+    hf = [[[0j] * C for _ in range(N)] for _ in range(B)]
+    hr = [[[0j] * C for _ in range(N)] for _ in range(B)]
+    for b in range(B):
+        for c in range(C):
+            lam = [gamma[c].item() + (1 - gamma[c].item()) * sig(z[b, t, c].item()) for t in range(N)]
+            v = [(1 - lam[t]) * complex(silu(u[b, t, 2 * c].item()), silu(u[b, t, 2 * c + 1].item())) for t in range(N)]
+            h = 0j
+            for t in range(N):
+                h = lam[t] * cmath.exp(1j * theta_f[c].item()) * h + v[t]
+                hf[b][t][c] = h
+            h = 0j
+            for t in reversed(range(N)):
+                h = lam[t] * cmath.exp(1j * theta_r[c].item()) * h + v[t]
+                hr[b][t][c] = h
+    return hf, hr
+
+
+def _to_tensor(h):
+    t = torch.tensor(h, dtype=torch.complex128)
+    return t
+
+
+@pytest.mark.parametrize('B,N,C', [(1, 1, 1), (2, 7, 3), (1, 19, 5)])
+def test_reference_matches_naive_loop(B, N, C):
+    u, z, gamma, tf, tr = make_scan_inputs(B, N, C)
+    hf, hr = naive_directions(u, z, gamma, tf, tr)
+    h = _to_tensor(hf) + _to_tensor(hr)
+    out = bihgru_scan_reference(u, z, gamma, tf, tr)
+    assert out.dtype == torch.float64 and out.shape == (B, N, 2 * C)
+    torch.testing.assert_close(out, torch.cat([h.real, h.imag], -1), rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize('N', [1, 2, 5, 16, 37])
+def test_parallel_scan_each_direction_matches_naive_loop(N):
+    B, C = 2, 3
+    u, z, gamma, tf, tr = make_scan_inputs(B, N, C, seed=N)
+    hf, hr = naive_directions(u, z, gamma, tf, tr)
+    c = torch.nn.functional.silu(u)
+    lam = gamma + (1 - gamma) * torch.sigmoid(z)
+    v = torch.complex(c[..., 0::2], c[..., 1::2]) * (1 - lam)
+    a_f = lam * torch.exp(1j * tf)
+    a_r = lam * torch.exp(1j * tr)
+    torch.testing.assert_close(_linear_scan(a_f, v, reverse=False), _to_tensor(hf), rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(_linear_scan(a_r, v, reverse=True), _to_tensor(hr), rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize('B,N,C', [(1, 1, 4), (2, 37, 5), (3, 64, 130), (1, 300, 8)])
+def test_torch_matches_reference_with_grads(B, N, C):
+    f32_in = make_scan_inputs(B, N, C, dtype=torch.float32, seed=B * N + C, requires_grad=True)
+    ref_in = [t.detach().double().requires_grad_(True) for t in f32_in]  # the same (rounded) inputs in float64
+    ref = bihgru_scan_reference(*ref_in)
+    out = bihgru_scan_parallel(*f32_in)
+    assert out.dtype == torch.float32
+    assert rel_err(out, ref) < 1e-5
+    dout = torch.randn_like(ref)
+    # N = 1 uses no gate: the torch path then leaves the angles out of the graph, a zero gradient
+    ref_grads = torch.autograd.grad(ref, ref_in, dout)
+    out_grads = torch.autograd.grad(out, f32_in, dout.float(), materialize_grads=True)
+    for name, g, r in zip(('u', 'z', 'gamma', 'theta_f', 'theta_r'), out_grads, ref_grads):
+        assert rel_err(g, r) < 1e-5, name
+
+
+def test_reference_gradcheck():
+    inputs = make_scan_inputs(1, 6, 2, requires_grad=True)
+    assert torch.autograd.gradcheck(bihgru_scan_reference, inputs)
+
+
+def test_reference_is_scriptable():
+    scripted = torch.jit.script(bihgru_scan_reference)
+    inputs = make_scan_inputs(2, 9, 3)
+    torch.testing.assert_close(scripted(*inputs), bihgru_scan_reference(*inputs))
+
+
+@pytest.mark.parametrize('dtype', [torch.bfloat16, torch.float16, torch.float32])
+def test_dispatch_keeps_dtype(dtype):
+    inputs = make_scan_inputs(2, 10, 4, dtype=dtype)
+    for impl in ('reference', 'torch', None):
+        out = bihgru_scan(*inputs, impl=impl)
+        assert out.dtype == dtype and out.shape == (2, 10, 8)
+        assert rel_err(out, bihgru_scan_reference(*[t.double() for t in inputs])) < 2e-2
+
+
+def test_noncontiguous_inputs():
+    u, z, gamma, tf, tr = make_scan_inputs(3, 11, 6, dtype=torch.float32)
+    # views into a larger fused projection, as the mixer passes them
+    fused = torch.cat([u, z, torch.randn(3, 11, 12)], -1)
+    u_view, z_view = fused.split([12, 6, 12], -1)[:2]
+    assert not u_view.is_contiguous()
+    torch.testing.assert_close(bihgru_scan(u_view, z_view, gamma, tf, tr, impl='torch'),
+                               bihgru_scan(u, z, gamma, tf, tr, impl='reference'), rtol=1e-5, atol=1e-5)
+
+
+def test_meta_device():
+    inputs = make_scan_inputs(2, 10, 4, dtype=torch.float32, device='meta')
+    assert bihgru_scan(*inputs).shape == (2, 10, 8)
+
+
+def test_bad_inputs():
+    u, z, gamma, tf, tr = make_scan_inputs(2, 5, 4, dtype=torch.float32)
+    with pytest.raises(ValueError, match=r'u of shape \(B, N, 2C\)'):
+        bihgru_scan(u[..., :-1], z, gamma, tf, tr)
+    with pytest.raises(ValueError, match='z'):
+        bihgru_scan(u, z[:, :4], gamma, tf, tr)
+    with pytest.raises(ValueError, match='theta_f'):
+        bihgru_scan(u, z, gamma, tf[:3], tr)
+    with pytest.raises(ValueError, match=r'\(B, N, 2C\)'):
+        bihgru_scan(u[0], z[0], gamma, tf, tr)
+    with pytest.raises(TypeError, match='one dtype'):
+        bihgru_scan(u, z.double(), gamma, tf, tr)
+    with pytest.raises(ValueError, match='Unknown bihgru_scan impl'):
+        bihgru_scan(u, z, gamma, tf, tr, impl='cuda')
