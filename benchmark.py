@@ -1,0 +1,123 @@
+#!/usr/bin/env python3
+"""Benchmarks for hgrn_vision: whole timm models side by side, and the bidirectional HGRU scan kernels.
+
+    python benchmark.py models --models hgrn_deit_small deit_small_patch16_224
+    python benchmark.py scan --check
+    python benchmark.py models --device cpu --models hgrn_deit_tiny deit_tiny_patch16_224 --model-kwargs depth=2
+
+The logic lives in `hgrn_vision.benchmark`; this script parses arguments and wires them through.
+"""
+import argparse
+from typing import List, Optional, Tuple
+
+import torch
+from timm.utils import ParseKwargs
+
+import hgrn_vision  # noqa: F401  (registers the hgrn_deit entries with timm)
+from hgrn_vision.benchmark import benchmark_models, benchmark_scan, parse_dtype
+
+
+def _shape(text: str) -> Tuple[int, int, int]:
+    try:
+        B, N, C = (int(v) for v in text.lower().split('x'))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f'shape {text!r} is not BxNxC, e.g. 256x256x384')
+    return B, N, C
+
+
+def _add_common(p: argparse.ArgumentParser) -> None:
+    p.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu',
+                   help='cuda, cuda:N or cpu (cpu: tiny defaults, eager only, few iterations)')
+    p.add_argument('--warmup', type=int, default=None, help='untimed calls before timing')
+    p.add_argument('--min-iters', type=int, default=None, help='timed calls at least')
+    p.add_argument('--max-iters', type=int, default=None, help='timed calls at most')
+    p.add_argument('--max-time', type=float, default=None, help='stop timing after this many seconds (past min-iters)')
+    p.add_argument('--output-dir', default='output/benchmark', help='where the CSV / JSON / PNG go')
+    p.add_argument('--name', default=None, help='file name stem (default: the subcommand)')
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest='command', required=True)
+
+    p = sub.add_parser('models', help='images/s of timm models side by side (inference, training; eager, compiled)')
+    p.add_argument('--models', nargs='+', default=['hgrn_deit_small', 'deit_small_patch16_224'],
+                   help='timm model names; ratios are the first model over each other')
+    p.add_argument('--resolutions', nargs='+', type=int, default=None, help='default 224 384 512 768 1024')
+    p.add_argument('--modes', nargs='+', choices=('infer', 'train'), default=['infer', 'train'])
+    p.add_argument('--compile', nargs='+', choices=('eager', 'compiled'), default=None, dest='compile_modes',
+                   help='default both on CUDA, eager on the CPU')
+    p.add_argument('--compile-res-infer', nargs='*', type=int, default=None,
+                   help='resolutions at which compiled inference runs (default 224 1024)')
+    p.add_argument('--compile-res-train', nargs='*', type=int, default=None,
+                   help='resolutions at which compiled training runs (default 224)')
+    p.add_argument('--compile-all', action='store_true', help='compiled runs at every resolution (slow)')
+    p.add_argument('--batch-pixels', type=int, default=None,
+                   help='batch = batch-pixels // res^2 (default 256 * 224^2: 256 images at 224, 12 at 1024)')
+    p.add_argument('--batch-size', type=int, default=None, help='one fixed batch at every resolution')
+    p.add_argument('--amp-dtype', choices=('bf16', 'fp16'), default=None, help='autocast dtype (default bf16 on CUDA)')
+    p.add_argument('--no-amp', action='store_true', help='no autocast (float32)')
+    p.add_argument('--model-kwargs', nargs='*', default={}, action=ParseKwargs,
+                   help='key=value passed to every timm.create_model, e.g. depth=2')
+    p.add_argument('--channels-last', action='store_true')
+    _add_common(p)
+
+    p = sub.add_parser('scan', help='bihgru_scan implementations: ms, GB/s over the byte floor, %% of copy bandwidth')
+    p.add_argument('--shapes', nargs='+', type=_shape, default=None,
+                   help='BxNxC (default 256x256x192 256x256x384 64x1024x384 16x5329x384 1x256x192)')
+    p.add_argument('--dtypes', nargs='+', default=['bf16', 'fp32'], help='dtypes of u and z')
+    p.add_argument('--impls', nargs='+', default=None, help="default: every available impl but 'reference'")
+    p.add_argument('--no-torch', action='store_true', help="leave out the 'torch' impl")
+    p.add_argument('--check', action='store_true',
+                   help="also compare every impl with the 'torch' impl in float64 (output and five gradients)")
+    p.add_argument('--seed', type=int, default=0)
+    _add_common(p)
+    return parser
+
+
+def main(argv: Optional[List[str]] = None) -> dict:
+    args = build_parser().parse_args(argv)
+    name = args.name or args.command
+    if args.command == 'models':
+        return benchmark_models(
+            args.models,
+            device=args.device,
+            resolutions=args.resolutions,
+            modes=args.modes,
+            compile_modes=args.compile_modes,
+            compile_res_infer=args.compile_res_infer,
+            compile_res_train=args.compile_res_train,
+            compile_all=args.compile_all,
+            batch_pixels=args.batch_pixels,
+            batch_size=args.batch_size,
+            amp_dtype=parse_dtype(args.amp_dtype) if args.amp_dtype else None,
+            no_amp=args.no_amp,
+            model_kwargs=args.model_kwargs,
+            warmup=args.warmup,
+            min_iters=args.min_iters,
+            max_iters=args.max_iters,
+            max_time=args.max_time,
+            channels_last=args.channels_last,
+            output_dir=args.output_dir,
+            name=name,
+        )
+    timing_keys = ('warmup', 'min_iters', 'max_iters', 'max_time')
+    timing = {k: getattr(args, k) for k in timing_keys if getattr(args, k) is not None}
+    impls = args.impls
+    if args.no_torch:
+        impls = [i for i in (impls or hgrn_vision.ops.available_impls()) if i not in ('torch', 'reference')]
+    return benchmark_scan(
+        device=args.device,
+        shapes=args.shapes,
+        dtypes=[parse_dtype(d) for d in args.dtypes],
+        impls=impls,
+        check=args.check,
+        timing=timing,
+        output_dir=args.output_dir,
+        name=name,
+        seed=args.seed,
+    )
+
+
+if __name__ == '__main__':
+    main()
