@@ -1,0 +1,79 @@
+"""The fused Triton scan in Triton's interpreter (TRITON_INTERPRET=1, set in conftest.py) against float64.
+
+Tolerances (relative error ||a - b|| / ||b|| against the float64 reference fed the same rounded inputs):
+- float32 inputs: 1e-5 for the output and all five gradients (fp32 state and accumulation throughout).
+- bf16 / fp16 inputs: the kernel computes in fp32 and rounds once on output, so the error is that one rounding.
+  Triton's interpreter converts by truncation (relative error below 2 ulp) where the GPU rounds to nearest
+  (below 1/2 ulp), so the bound is 2 ulp: 2^-7 = 7.8e-3 for bf16 and 2^-10 = 9.8e-4 for fp16. Measured on an H200
+  (scripts/gpu_scan_tune.py): 1.7e-3 to 2.4e-3 for bf16 at the benchmark shapes.
+"""
+import pytest
+import torch
+
+import hgrn_vision.ops.bihgru.fused as fused
+from hgrn_vision.ops import bihgru_scan, bihgru_scan_reference
+
+from scan_inputs import make_scan_inputs, rel_err
+
+NAMES = ('out', 'du', 'dz', 'dgamma', 'dtheta_f', 'dtheta_r')
+BOUND = {torch.float32: 1e-5, torch.bfloat16: 2 ** -7, torch.float16: 2 ** -10}
+
+
+def _errors(inputs):
+    """Relative errors of the triton output and gradients against float64 on the same inputs."""
+    ref_in = [t.detach().double().requires_grad_(True) for t in inputs]
+    ref = bihgru_scan_reference(*ref_in)
+    out = bihgru_scan(*inputs, impl='triton')
+    assert out.dtype == inputs[0].dtype and out.shape == ref.shape
+    gen = torch.Generator().manual_seed(0)
+    dout = torch.randn(ref.shape, generator=gen, dtype=ref.dtype).to(out.dtype).double()  # same rounding for both
+    grads = torch.autograd.grad(out, inputs, dout.to(out.dtype))
+    ref_grads = torch.autograd.grad(ref, ref_in, dout)
+    for g, t in zip(grads, inputs):
+        assert g.dtype == t.dtype and g.shape == t.shape
+    return dict(zip(NAMES, [rel_err(out, ref)] + [rel_err(g, r) for g, r in zip(grads, ref_grads)]))
+
+
+@pytest.mark.parametrize('B,N,C', [(1, 1, 5), (2, 7, 5), (1, 37, 5), (1, 5, 130)])
+def test_triton_fp32_matches_float64(B, N, C):
+    errs = _errors(make_scan_inputs(B, N, C, dtype=torch.float32, seed=N + C, requires_grad=True))
+    assert all(e < 1e-5 for e in errs.values()), errs
+
+
+def test_triton_chunked_two_level_scan(monkeypatch):
+    """Sequences longer than a chunk: chunk summaries, then carries folded in; forced here with tiny chunks."""
+    monkeypatch.setattr(fused, 'FWD_MAX_T', 4)
+    monkeypatch.setattr(fused, 'BWD_MAX_T', 4)
+    errs = _errors(make_scan_inputs(2, 19, 3, dtype=torch.float32, seed=3, requires_grad=True))
+    assert all(e < 1e-5 for e in errs.values()), errs
+
+
+@pytest.mark.parametrize('dtype', [torch.bfloat16, torch.float16])
+def test_triton_half_inputs(dtype):
+    u, z, gamma, tf, tr = make_scan_inputs(2, 9, 5, dtype=torch.float32, seed=5)
+    inputs = [t.requires_grad_(True) for t in (u.to(dtype), z.to(dtype), gamma, tf, tr)]
+    errs = _errors(inputs)
+    assert all(e < BOUND[dtype] for e in errs.values()), errs
+
+
+def test_triton_noncontiguous_views():
+    """u and z as views into one fused projection output, as the mixer passes them; dout non-contiguous too."""
+    B, N, C = 2, 6, 5
+    fused_proj = torch.randn(B, N, 5 * C, dtype=torch.float32).mul_(2).requires_grad_(True)
+    u, z, _ = fused_proj.split([2 * C, C, 2 * C], -1)
+    _, _, gamma, tf, tr = make_scan_inputs(B, N, C, dtype=torch.float32)
+    out = bihgru_scan(u, z, gamma, tf, tr, impl='triton')
+    dout = torch.randn(B, N, 4 * C).transpose(1, 1)[..., ::2]  # strided gradient
+    (g_fused,) = torch.autograd.grad(out, fused_proj, dout)
+    ref_proj = fused_proj.detach().double().requires_grad_(True)
+    ur, zr, _ = ref_proj.split([2 * C, C, 2 * C], -1)
+    ref = bihgru_scan_reference(ur, zr, gamma.double(), tf.double(), tr.double())
+    (g_ref,) = torch.autograd.grad(ref, ref_proj, dout.double())
+    assert rel_err(out, ref) < 1e-5 and rel_err(g_fused, g_ref) < 1e-5
+
+
+def test_triton_needs_cuda_outside_interpreter(monkeypatch):
+    monkeypatch.setenv('TRITON_INTERPRET', '0')
+    inputs = make_scan_inputs(1, 3, 2, dtype=torch.float32)
+    with pytest.raises(ValueError, match="impl='triton' needs CUDA tensors"):
+        bihgru_scan(*inputs, impl='triton')
