@@ -1,0 +1,124 @@
+"""The evaluation behind `validate.py`: top-1 / top-5 / loss of a model or a `train.py` checkpoint, as timm's
+`--result` JSON. EMA weights are preferred when the checkpoint has them (`--no-ema` for the raw ones); model name,
+kwargs, classes, channels and normalisation default to the values the checkpoint was trained with.
+"""
+import argparse
+import json
+import logging
+import os
+from collections import OrderedDict
+from typing import Any, Dict, Optional, Sequence
+
+import torch
+import torch.nn as nn
+from timm.data import create_loader, resolve_data_config
+
+from .args import UserError, parse_args, validate_parser
+from .checkpoint import _load_strict, load_checkpoint_file, model_state_from_checkpoint
+from .data import build_dataset, dataset_classes
+from .engine import evaluate
+from .trainer import create_train_model, setup_device
+
+__all__ = ['validate', 'main']
+
+_logger = logging.getLogger('validate')
+
+# flags a checkpoint's saved args fill in when not given on the command line
+_FROM_CHECKPOINT = ('model', 'model_kwargs', 'num_classes', 'in_chans', 'mean', 'std', 'crop_pct', 'interpolation',
+                    'img_size', 'input_size', 'dataset', 'input_img_mode')
+
+
+def validate(args: argparse.Namespace) -> Dict[str, Any]:
+    """Evaluate as configured by `args` (the `validate.py` flags); returns timm's result dict."""
+    device = setup_device(args)
+    ckpt: Optional[Dict[str, Any]] = None
+    if args.checkpoint:
+        ckpt = load_checkpoint_file(args.checkpoint)
+        saved = ckpt.get('args') if isinstance(ckpt.get('args'), dict) else {}
+        defaults = validate_parser().parse_args([])
+        for key in _FROM_CHECKPOINT:
+            if key in saved and getattr(args, key) == getattr(defaults, key):
+                setattr(args, key, saved[key])
+        if not args.model and isinstance(ckpt.get('arch'), str):
+            args.model = ckpt['arch']
+    if args.img_size is not None and args.input_size is not None:
+        args.input_size = [args.input_size[0], args.img_size, args.img_size]  # test-time resolution override
+
+    dataset = build_dataset(
+        args.dataset, args.data_dir, args.split, is_training=False, download=args.dataset_download,
+        batch_size=args.batch_size, input_img_mode=args.input_img_mode, input_key=args.input_key,
+        target_key=args.target_key)
+    num_classes = args.num_classes or dataset_classes(dataset) or 1000
+    img_size = args.img_size
+    args.img_size = None  # the model takes any size: build it as trained, evaluate at the requested size
+    model = create_train_model(args, num_classes, pretrained=args.pretrained)
+    args.img_size = img_size
+    use_ema = False
+    if ckpt is not None:
+        prefer_ema = args.use_ema is not False
+        state_dict, key = model_state_from_checkpoint(ckpt, use_ema=prefer_ema)
+        if args.use_ema and key not in ('state_dict_ema', 'model_ema'):
+            raise UserError(f'--use-ema: checkpoint {args.checkpoint!r} holds no EMA weights.')
+        use_ema = key in ('state_dict_ema', 'model_ema')
+        _load_strict(model, state_dict, args.checkpoint, f'model {args.model}')
+        _logger.info(f'Loaded {"EMA" if use_ema else "raw"} weights ({key or "bare state dict"}) from '
+                     f'{args.checkpoint}, epoch {ckpt.get("epoch", "?")}')
+    param_count = sum(p.numel() for p in model.parameters())
+    data_config = resolve_data_config(vars(args), model=model, use_test_size=True, verbose=True)
+    model = model.to(device).eval()
+    if args.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    eval_model = torch.compile(model, backend=args.torchcompile) if args.torchcompile else model
+    if args.grad_checkpointing:
+        _logger.info('--grad-checkpointing has no effect in evaluation')
+    pin_mem = args.pin_mem and device.type == 'cuda'
+    loader = create_loader(
+        dataset, input_size=data_config['input_size'], batch_size=args.batch_size, is_training=False,
+        interpolation=data_config['interpolation'], mean=data_config['mean'], std=data_config['std'],
+        num_workers=args.workers, crop_pct=data_config['crop_pct'], pin_memory=pin_mem, device=device,
+        use_prefetcher=False, distributed=False)
+    metrics = evaluate(
+        eval_model, loader, nn.CrossEntropyLoss().to(device), device, amp=args.amp, amp_dtype=args.amp_dtype,
+        log_interval=args.log_freq, num_batches=args.num_batches, channels_last=args.channels_last)
+    top1, top5 = metrics['top1'], metrics['top5']
+    results = OrderedDict(
+        model=args.model,
+        top1=round(top1, 4), top1_err=round(100 - top1, 4),
+        top5=round(top5, 4), top5_err=round(100 - top5, 4),
+        loss=round(metrics['loss'], 5),
+        param_count=round(param_count / 1e6, 2),
+        img_size=data_config['input_size'][-1],
+        crop_pct=data_config['crop_pct'],
+        interpolation=data_config['interpolation'],
+        samples=int(metrics['samples']),
+        samples_per_sec=round(metrics['img_per_sec'], 2),
+        ema=use_ema,
+        checkpoint=args.checkpoint or None,
+        amp=args.amp_dtype if args.amp else None,
+    )
+    _logger.info(' * Acc@1 {:.3f} ({:.3f}) Acc@5 {:.3f} ({:.3f})'.format(
+        results['top1'], results['top1_err'], results['top5'], results['top5_err']))
+    return results
+
+
+def write_results(results: Dict[str, Any], results_file: str = '') -> None:
+    """Print timm's `--result` block; also write the JSON to `results_file` (atomically) when given."""
+    text = json.dumps(results, indent=4)
+    print(f'--result\n{text}', flush=True)
+    if results_file:
+        os.makedirs(os.path.dirname(os.path.abspath(results_file)), exist_ok=True)
+        tmp = results_file + '.tmp'
+        with open(tmp, 'w') as f:
+            f.write(text + '\n')
+        os.replace(tmp, results_file)
+
+
+def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
+    from .cli import run_cli
+
+    def _run():
+        args = parse_args(validate_parser(), argv)
+        results = validate(args)
+        write_results(results, args.results_file)
+        return results
+    return run_cli(_run)
