@@ -42,7 +42,7 @@ def check():
         ref = bihgru_scan(*xr, impl='torch')
         do = torch.randn_like(ref)
         gref = torch.autograd.grad(ref, xr, do)
-        for impl in ('triton', 'triton_seq'):
+        for impl in ('triton',):
             out = bihgru_scan(*x, impl=impl)
             gs = torch.autograd.grad(out, x, do.to(dtype))
             errs = [rel(out, ref)] + [rel(a, b) for a, b in zip(gs, gref)]
@@ -62,40 +62,38 @@ def copy_bw():
     return 2 * x.numel() * 2 / ms / 1e6  # GB/s
 
 
-def tune(bw):
-    print(f'== copy bandwidth {bw:.0f} GB/s ==')
-    print('== forward tuning (bf16); GB/s over the 5-element floor ==')
-    cfgs = list(itertools.product((64, 128, 256), (8, 16, 32), (4, 8)))
-    res = {}
-    for shape in [(256, 256, 384), (16, 5329, 384), (1, 256, 192)]:
-        x = inputs(*shape, torch.bfloat16)
-        floor = 5 * shape[0] * shape[1] * shape[2] * 2
-        for t, bc, w in cfgs:
-            fz.FWD_MAX_T, fz.FWD_BLOCK_C, fz.FWD_WARPS = t, bc, w
-            try:
-                ms = bench(lambda: fz.bihgru_fwd(*x))
-            except Exception as e:  # noqa: BLE001  (a config that does not compile is reported, not fatal)
-                print(shape, t, bc, w, 'failed', type(e).__name__, str(e)[:100])
-                continue
-            res[(shape, t, bc, w)] = ms
-            print(f'fwd {str(shape):>18} T={t:<4} BC={bc:<3} w={w} {ms * 1e3:9.1f} us {floor / ms / 1e6:8.0f} GB/s '
-                  f'{100 * floor / ms / 1e6 / bw:5.1f}%')
-        sys.stdout.flush()
-    print('== backward tuning (bf16); GB/s over the 8-element floor ==')
-    for shape in [(256, 256, 384), (16, 5329, 384)]:
+def _time_cfgs(label, shapes, cfgs, run, floor_elems):
+    for shape in shapes:
         x = inputs(*shape, torch.bfloat16)
         do = torch.randn(shape[0], shape[1], 2 * shape[2], device='cuda', dtype=torch.bfloat16)
-        floor = 8 * shape[0] * shape[1] * shape[2] * 2
-        for t, bc, w in itertools.product((32, 64, 128), (8, 16), (4, 8)):
-            fz.BWD_MAX_T, fz.BWD_BLOCK_C, fz.BWD_WARPS = t, bc, w
+        floor = floor_elems * shape[0] * shape[1] * shape[2] * 2
+        for cfg in cfgs:
+            fz.BLOCK_C, fz.WARPS, fz.UNROLL = cfg
             try:
-                ms = bench(lambda: fz.bihgru_bwd(do, *x), rep=100)
-            except Exception as e:  # noqa: BLE001
-                print(shape, t, bc, w, 'failed', type(e).__name__, str(e)[:100])
+                ms = bench(lambda: run(x, do), rep=100)
+            except Exception as e:  # noqa: BLE001  (a config that does not compile is reported, not fatal)
+                print(label, shape, cfg, 'failed', type(e).__name__, str(e)[:200])
                 continue
-            print(f'bwd {str(shape):>18} T={t:<4} BC={bc:<3} w={w} {ms * 1e3:9.1f} us {floor / ms / 1e6:8.0f} GB/s '
-                  f'{100 * floor / ms / 1e6 / bw:5.1f}%')
+            print(f'{label} {str(shape):>18} BC={cfg[0]:<4} w={cfg[1]} U={cfg[2]:<3} {ms * 1e3:9.1f} us '
+                  f'{floor / ms / 1e6:8.0f} GB/s {100 * floor / ms / 1e6 / BW[0]:5.1f}%')
             sys.stdout.flush()
+
+
+BW = [1.]
+CFGS = [(128, 4, 16), (64, 2, 16), (128, 4, 32), (256, 8, 16)]
+
+
+def tune(bw):
+    BW[0] = bw
+    print(f'== copy bandwidth {bw:.0f} GB/s; forward GB/s over 5 elements, backward over 8 ==')
+    shapes = [(256, 256, 384), (16, 5329, 384), (1, 256, 192)]
+    _time_cfgs('fwd', shapes, CFGS, lambda x, do: fz.bihgru_fwd(*x), 5)
+    _time_cfgs('bwd', shapes, CFGS, lambda x, do: fz.bihgru_bwd(do, *x), 8)
+    print('== reference points at (256, 256, 384) bf16 ==')
+    x = inputs(256, 256, 384, torch.bfloat16)
+    fz.BLOCK_C, fz.WARPS, fz.UNROLL = CFGS[0]
+    for name in ('triton', 'triton_seq', 'torch'):
+        print(f'{name:>10} fwd {bench(lambda: bihgru_scan(*x, impl=name)) * 1e3:9.1f} us')
 
 
 def compile_model():

@@ -1,23 +1,22 @@
 """Fused Triton kernels of the bidirectional HGRU scan, forward and backward.
 
-Layout of the work: a program owns `BLOCK_C` channels of one batch row and a chunk of `BLOCK_T` consecutive tokens
-held in registers. Within the chunk each direction is one `tl.associative_scan` over complex affine maps
-`h -> a h + v` (their composition is `(a2 a1, a2 b1 + b2)`), so every token of the chunk is processed in parallel.
+A program owns `BLOCK_C` channels (one per thread) of one batch row and walks the tokens one at a time, the loads
+of `UNROLL` rows issued together so that their latencies overlap. The forward makes a forward sweep that writes
+hf, then a reverse sweep over the same rows (still in cache) that adds hr: `u` and `z` come from memory once and
+`[Re h | Im h]` goes out once. No flipped copies, no gates or states in memory, fp32 state for any input dtype.
 
-* One chunk covers the whole sequence (N <= BLOCK_T): both directions run on the tile in registers, and the kernel
-  reads `u` and `z` once and writes `[Re h | Im h]` once: the byte floor.
-* Longer sequences are split into chunks processed by separate programs (a two-level scan, so long sequences fill
-  the GPU too): a first kernel writes each chunk's summary (the product of its gates and its local scan from a zero
-  state, per direction); the main kernel folds the summaries of the chunks before (forward) and after (reverse) it
-  into its carries and applies them to its local scans.
+When B x C alone cannot fill the GPU (long sequences, small batches) the sequence is split into chunks run by
+separate programs, a two-level scan: a first launch writes each chunk's map `h -> A h + b` per recurrence (from a
+zero state; the reverse kind composed in ascending order), the main launch folds the maps of the chunks before
+(forward) or after (reverse) its own into its incoming states.
 
 Backward recomputes the states instead of saving them. With `G = dL/dRe + i dL/dIm` of a complex value:
-    df_t = g_t + conj(af_{t+1}) df_{t+1}          (adjoint of the forward state, a reverse scan)
-    dr_t = g_t + conj(ar_{t-1}) dr_{t-1}          (adjoint of the reverse state, a forward scan)
+    df_t = g_t + conj(af_{t+1}) df_{t+1}          (adjoint of the forward state, a reverse recurrence)
+    dr_t = g_t + conj(ar_{t-1}) dr_{t-1}          (adjoint of the reverse state, a forward recurrence)
     dv_t = df_t + dr_t,   d af_t = df_t conj(hf_{t-1}),   d ar_t = dr_t conj(hr_{t+1})
-The shifted gates and the exclusive states hf_{t-1}, hr_{t+1} come from loading the neighbouring rows (cache hits),
-never from dividing by a gate. Per-channel gradients (gamma, theta_f, theta_r) are fp32 partials per program,
-reduced once afterwards. All state and accumulation is fp32 whatever the input dtype.
+Each gradient pairs a forward-order quantity with a reverse-order one, so a forward sweep stashes (hf_{t-1}, dr_t)
+in a fp32 scratch and a reverse sweep reads them back (cache hits) beside hr_{t+1} and df_t. Nothing divides by a
+gate. Per-channel gradients (gamma, theta_f, theta_r) are fp32 partials per program, reduced once afterwards.
 """
 import os
 from typing import Tuple
@@ -26,52 +25,9 @@ import torch
 import triton
 import triton.language as tl
 
-# chunk length cap, channel tile and warps, forward and backward: the fastest of a sweep on an H200
-# (scripts/gpu_scan_tune.py); the backward keeps ~3x more tiles live, so it takes shorter chunks
-FWD_MAX_T, FWD_BLOCK_C, FWD_WARPS = 256, 8, 8
-BWD_MAX_T, BWD_BLOCK_C, BWD_WARPS = 32, 8, 4
-
-
-@triton.jit
-def _compose(ar1, ai1, br1, bi1, ar2, ai2, br2, bi2):
-    """Apply `h -> a1 h + b1`, then `h -> a2 h + b2` (complex): returns `(a2 a1, a2 b1 + b2)`."""
-    return (
-        ar2 * ar1 - ai2 * ai1,
-        ar2 * ai1 + ai2 * ar1,
-        ar2 * br1 - ai2 * bi1 + br2,
-        ar2 * bi1 + ai2 * br1 + bi2,
-    )
-
-
-@triton.jit
-def _lam(z_ptr, rows, cs, mask, s_zn, s_zc, gamma):
-    """Load rows of z and return the gate modulus lam (fp32), 0 outside the mask."""
-    z = tl.load(z_ptr + rows[:, None] * s_zn + cs[None, :] * s_zc, mask=mask, other=0.).to(tl.float32)
-    return tl.where(mask, gamma[None, :] + (1. - gamma[None, :]) * tl.sigmoid(z), 0.)
-
-
-@triton.jit
-def _gates(u_ptr, z_ptr, rows, cs, mask, s_un, s_uc, s_zn, s_zc, gamma):
-    """Load rows of u, z and return lam, Re v, Im v (fp32); outside the mask lam = 0 and v = 0."""
-    lam = _lam(z_ptr, rows, cs, mask, s_zn, s_zc, gamma)
-    ur = tl.load(u_ptr + rows[:, None] * s_un + (2 * cs)[None, :] * s_uc, mask=mask, other=0.).to(tl.float32)
-    ui = tl.load(u_ptr + rows[:, None] * s_un + (2 * cs + 1)[None, :] * s_uc, mask=mask, other=0.).to(tl.float32)
-    w = 1. - lam
-    return lam, w * ur * tl.sigmoid(ur), w * ui * tl.sigmoid(ui)
-
-
-@triton.jit
-def _with_carry(sum_ptr, s_sk, s_ss, cs, cmask, k, n_chunks, SLOT: tl.constexpr, FORWARD: tl.constexpr,
-                Ar, Ai, Hr, Hi):
-    """Local scan (A = cumulative gate product, H = states from zero) plus A times the state entering chunk k."""
-    cr, ci = _fold_carries(sum_ptr, s_sk, s_ss, cs, cmask, k, n_chunks, SLOT, FORWARD)
-    return Hr + Ar * cr[None, :] - Ai * ci[None, :], Hi + Ar * ci[None, :] + Ai * cr[None, :]
-
-
-@triton.jit
-def _row(x, rows_local, r: tl.constexpr):
-    """Row `r` of a (BLOCK_T, BLOCK_C) register tile."""
-    return tl.sum(tl.where(rows_local[:, None] == r, x, 0.), axis=0)
+# channels per program (one per thread), warps, rows whose loads are issued together, programs per SM to aim for,
+# and the shortest chunk when a sequence is split: the fastest of a sweep on an H200 (scripts/gpu_scan_tune.py)
+BLOCK_C, WARPS, UNROLL, PROGRAMS_PER_SM, MIN_CHUNK = 128, 4, 16, 4, 64
 
 
 @triton.jit
@@ -97,174 +53,279 @@ def _fold_carries(sum_ptr, s_sk, s_ss, cs, cmask, k, n_chunks, SLOT: tl.constexp
     return cr, ci
 
 
-@triton.jit
-def _store_summary(sum_ptr, s_ss, cs, cmask, rows_local, SLOT: tl.constexpr, ROW: tl.constexpr, Ar, Ai, Hr, Hi):
-    p = sum_ptr + cs
-    tl.store(p + (SLOT + 0) * s_ss, _row(Ar, rows_local, ROW), mask=cmask)
-    tl.store(p + (SLOT + 1) * s_ss, _row(Ai, rows_local, ROW), mask=cmask)
-    tl.store(p + (SLOT + 2) * s_ss, _row(Hr, rows_local, ROW), mask=cmask)
-    tl.store(p + (SLOT + 3) * s_ss, _row(Hi, rows_local, ROW), mask=cmask)
-
 
 @triton.jit
-def _scan_pair(lam, vr, vi, valid, cf, sf, cr_, sr_):
-    """Local forward and reverse scans of one chunk: (A, H) per direction, identity maps on invalid rows."""
-    afr = tl.where(valid, lam * cf[None, :], 1.)
-    afi = lam * sf[None, :]
-    arr = tl.where(valid, lam * cr_[None, :], 1.)
-    ari = lam * sr_[None, :]
-    Fr, Fi, HFr, HFi = tl.associative_scan((afr, afi, vr, vi), 0, _compose)
-    Rr, Ri, HRr, HRi = tl.associative_scan((arr, ari, vr, vi), 0, _compose, reverse=True)
-    return Fr, Fi, HFr, HFi, Rr, Ri, HRr, HRi
-
-
-@triton.jit
-def _tile(gamma_ptr, tf_ptr, tr_ptr, N, C, BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr):
-    """This program's batch row, chunk, channels, rows and per-channel constants (gamma, cos/sin of the angles)."""
-    pid_c, b, k = tl.program_id(0), tl.program_id(1).to(tl.int64), tl.program_id(2)
-    cs = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
+def _channels(gamma_ptr, tf_ptr, tr_ptr, C, BLOCK_C: tl.constexpr):
+    """This program's channels, their mask, gamma and cos / sin of both angles (fp32)."""
+    cs = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
     cmask = cs < C
-    rows_local = tl.arange(0, BLOCK_T)
-    rows = k * BLOCK_T + rows_local
-    valid = (rows < N)[:, None] & cmask[None, :]
     gamma = tl.load(gamma_ptr + cs, mask=cmask, other=0.).to(tl.float32)
     tf = tl.load(tf_ptr + cs, mask=cmask, other=0.).to(tl.float32)
     tr = tl.load(tr_ptr + cs, mask=cmask, other=0.).to(tl.float32)
-    return b, k, cs, cmask, rows_local, rows, valid, gamma, tl.cos(tf), tl.sin(tf), tl.cos(tr), tl.sin(tr)
+    return cs, cmask, gamma, tl.cos(tf), tl.sin(tf), tl.cos(tr), tl.sin(tr)
+
+
+@triton.jit
+def _row_gates(u_ptr, z_ptr, cs, m, gamma):
+    """One token row of BLOCK_C channels (channel stride 1): lam, Re v, Im v in fp32; 0 outside the mask."""
+    z = tl.load(z_ptr + cs, mask=m, other=0.).to(tl.float32)
+    ur = tl.load(u_ptr + 2 * cs, mask=m, other=0.).to(tl.float32)
+    ui = tl.load(u_ptr + 2 * cs + 1, mask=m, other=0.).to(tl.float32)
+    lam = tl.where(m, gamma + (1. - gamma) * tl.sigmoid(z), 0.)
+    w = 1. - lam
+    return lam, w * ur * tl.sigmoid(ur), w * ui * tl.sigmoid(ui)
+
+
+@triton.jit
+def _cmul(ar, ai, br, bi):
+    return ar * br - ai * bi, ar * bi + ai * br
+
+
+@triton.jit
+def _state_maps(m, lam, vr, vi, cf, sf, cr_, sr_, Afr, Afi, Hfr, Hfi, Arr, Ari, Hrr, Hri):
+    """Extend the chunk maps of hf (forward kind: (A, b) <- (a A, a b + v)) and of hr (reverse kind, composed in
+    ascending order: b <- b + A v, A <- A a) by one row; identity on masked rows."""
+    ar, ai = tl.where(m, lam * cf, 1.), lam * sf
+    Hfr, Hfi = ar * Hfr - ai * Hfi + vr, ar * Hfi + ai * Hfr + vi
+    Afr, Afi = _cmul(ar, ai, Afr, Afi)
+    ar, ai = tl.where(m, lam * cr_, 1.), lam * sr_
+    Hrr, Hri = Hrr + Arr * vr - Ari * vi, Hri + Arr * vi + Ari * vr
+    Arr, Ari = _cmul(Arr, Ari, ar, ai)
+    return Afr, Afi, Hfr, Hfi, Arr, Ari, Hrr, Hri
+
+
+@triton.jit
+def _load_complex(p, C, m):
+    """Re at p and Im at p + C (the `[Re | Im]` layout of out and dout), as fp32."""
+    return tl.load(p, mask=m, other=0.).to(tl.float32), tl.load(p + C, mask=m, other=0.).to(tl.float32)
+
+
+@triton.jit
+def _store_map(p, s_ss, SLOT: tl.constexpr, cmask, Ar, Ai, Br, Bi):
+    tl.store(p + SLOT * s_ss, Ar, mask=cmask)
+    tl.store(p + (SLOT + 1) * s_ss, Ai, mask=cmask)
+    tl.store(p + (SLOT + 2) * s_ss, Br, mask=cmask)
+    tl.store(p + (SLOT + 3) * s_ss, Bi, mask=cmask)
 
 
 @triton.jit
 def _bihgru_fwd_kernel(
         u_ptr, z_ptr, gamma_ptr, tf_ptr, tr_ptr, out_ptr, sum_ptr,
-        N, C, n_chunks,
-        s_ub, s_un, s_uc, s_zb, s_zn, s_zc, s_ob, s_on, s_sb, s_sk, s_ss,
-        BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr, SUMMARY: tl.constexpr, HAS_CARRY: tl.constexpr,
+        N, C, n_chunks, chunk_len,
+        s_ub, s_un, s_zb, s_zn, s_ob, s_on, s_sb, s_sk, s_ss,
+        BLOCK_C: tl.constexpr, UNROLL: tl.constexpr, SUMMARY: tl.constexpr, HAS_CARRY: tl.constexpr,
 ):
-    """SUMMARY: write each chunk's (A, b) per direction. Else: scan with carries (if HAS_CARRY) and write out."""
-    b, k, cs, cmask, rows_local, rows, valid, gamma, cf, sf, cr_, sr_ = _tile(
-        gamma_ptr, tf_ptr, tr_ptr, N, C, BLOCK_T, BLOCK_C)
+    """Token by token, BLOCK_C channels wide: a forward sweep writes hf, a reverse sweep adds hr (rows still cached).
 
-    lam, vr, vi = _gates(u_ptr + b * s_ub, z_ptr + b * s_zb, rows, cs, valid, s_un, s_uc, s_zn, s_zc, gamma)
-    Fr, Fi, HFr, HFi, Rr, Ri, HRr, HRi = _scan_pair(lam, vr, vi, valid, cf, sf, cr_, sr_)
-
+    SUMMARY: write the chunk's (A, b) per direction instead. Loads are unrolled UNROLL rows deep so they overlap.
+    """
+    b, k = tl.program_id(1).to(tl.int64), tl.program_id(2)
+    cs, cmask, gamma, cf, sf, cr_, sr_ = _channels(gamma_ptr, tf_ptr, tr_ptr, C, BLOCK_C)
+    ub, zb, ob = u_ptr + b * s_ub, z_ptr + b * s_zb, out_ptr + b * s_ob
+    t0 = k * chunk_len
+    t1 = tl.minimum(t0 + chunk_len, N)
     if SUMMARY:
-        sp = sum_ptr + b * s_sb + k * s_sk
-        _store_summary(sp, s_ss, cs, cmask, rows_local, 0, BLOCK_T - 1, Fr, Fi, HFr, HFi)
-        _store_summary(sp, s_ss, cs, cmask, rows_local, 4, 0, Rr, Ri, HRr, HRi)
+        zero = tl.zeros([BLOCK_C], tl.float32)
+        afr_t, afi_t, hfr, hfi = zero + 1., zero, zero, zero
+        arr_t, ari_t, hrr, hri = zero + 1., zero, zero, zero
+        for g in range(t0, t1, UNROLL):
+            for r in tl.static_range(UNROLL):
+                t = g + r
+                m = cmask & (t < t1)
+                lam, vr, vi = _row_gates(ub + t * s_un, zb + t * s_zn, cs, m, gamma)
+                afr_t, afi_t, hfr, hfi, arr_t, ari_t, hrr, hri = _state_maps(
+                    m, lam, vr, vi, cf, sf, cr_, sr_, afr_t, afi_t, hfr, hfi, arr_t, ari_t, hrr, hri)
+        p = sum_ptr + b * s_sb + k * s_sk + cs
+        _store_map(p, s_ss, 0, cmask, afr_t, afi_t, hfr, hfi)
+        _store_map(p, s_ss, 4, cmask, arr_t, ari_t, hrr, hri)
     else:
         if HAS_CARRY:
-            sp = sum_ptr + b * s_sb
-            HFr, HFi = _with_carry(sp, s_sk, s_ss, cs, cmask, k, n_chunks, 0, True, Fr, Fi, HFr, HFi)
-            HRr, HRi = _with_carry(sp, s_sk, s_ss, cs, cmask, k, n_chunks, 4, False, Rr, Ri, HRr, HRi)
-        o = out_ptr + b * s_ob + rows[:, None] * s_on + cs[None, :]
-        tl.store(o, (HFr + HRr).to(out_ptr.dtype.element_ty), mask=valid)
-        tl.store(o + C, (HFi + HRi).to(out_ptr.dtype.element_ty), mask=valid)
+            hr_, hi_ = _fold_carries(sum_ptr + b * s_sb, s_sk, s_ss, cs, cmask, k, n_chunks, 0, True)
+        else:
+            hr_, hi_ = tl.zeros([BLOCK_C], tl.float32), tl.zeros([BLOCK_C], tl.float32)
+        for g in range(t0, t1, UNROLL):
+            for r in tl.static_range(UNROLL):
+                t = g + r
+                m = cmask & (t < t1)
+                lam, vr, vi = _row_gates(ub + t * s_un, zb + t * s_zn, cs, m, gamma)
+                ar, ai = lam * cf, lam * sf
+                hr_, hi_ = ar * hr_ - ai * hi_ + vr, ar * hi_ + ai * hr_ + vi
+                o = ob + t * s_on + cs
+                tl.store(o, hr_.to(out_ptr.dtype.element_ty), mask=m)
+                tl.store(o + C, hi_.to(out_ptr.dtype.element_ty), mask=m)
+        if HAS_CARRY:
+            hr_, hi_ = _fold_carries(sum_ptr + b * s_sb, s_sk, s_ss, cs, cmask, k, n_chunks, 4, False)
+        else:
+            hr_, hi_ = tl.zeros([BLOCK_C], tl.float32), tl.zeros([BLOCK_C], tl.float32)
+        for g in range(0, t1 - t0, UNROLL):
+            for r in tl.static_range(UNROLL):
+                t = t1 - 1 - g - r
+                m = cmask & (t >= t0)
+                lam, vr, vi = _row_gates(ub + t * s_un, zb + t * s_zn, cs, m, gamma)
+                ar, ai = lam * cr_, lam * sr_
+                hr_, hi_ = ar * hr_ - ai * hi_ + vr, ar * hi_ + ai * hr_ + vi
+                o = ob + t * s_on + cs
+                fr, fi = _load_complex(o, C, m)
+                tl.store(o, (fr + hr_).to(out_ptr.dtype.element_ty), mask=m)
+                tl.store(o + C, (fi + hi_).to(out_ptr.dtype.element_ty), mask=m)
 
 
 @triton.jit
 def _bihgru_bwd_kernel(
-        u_ptr, z_ptr, gamma_ptr, tf_ptr, tr_ptr, do_ptr, du_ptr, dz_ptr, part_ptr, sum_ptr,
-        N, C, n_chunks,
-        s_ub, s_un, s_uc, s_zb, s_zn, s_zc, s_db, s_dn, s_dc, s_gb, s_gn, s_hb, s_hn, s_sb, s_sk, s_ss,
-        s_pb, s_pk, s_ps,
-        BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr, SUMMARY: tl.constexpr, HAS_CARRY: tl.constexpr,
+        u_ptr, z_ptr, gamma_ptr, tf_ptr, tr_ptr, do_ptr, du_ptr, dz_ptr, part_ptr, sum_ptr, scr_ptr,
+        N, C, n_chunks, chunk_len,
+        s_ub, s_un, s_zb, s_zn, s_db, s_dn, s_gb, s_gn, s_hb, s_hn, s_sb, s_sk, s_ss, s_pb, s_pk, s_ps, s_xb, s_xn,
+        BLOCK_C: tl.constexpr, UNROLL: tl.constexpr, SUMMARY: tl.constexpr, HAS_CARRY: tl.constexpr,
 ):
-    """SUMMARY: write each chunk's summaries of the 4 scans. Else: gradients of u, z and per-channel partials."""
-    b, k, cs, cmask, rows_local, rows, valid, gamma, cf, sf, cr_, sr_ = _tile(
-        gamma_ptr, tf_ptr, tr_ptr, N, C, BLOCK_T, BLOCK_C)
-    # neighbours inside the chunk; the chunk's edges link to the carries instead
-    prev_ok = (rows_local > 0)[:, None] & valid
-    next_ok = ((rows_local < BLOCK_T - 1) & (rows + 1 < N))[:, None] & valid
-    ub, zb = u_ptr + b * s_ub, z_ptr + b * s_zb
+    """Backward, token by token. A forward sweep runs hf and the reverse adjoint dr and stashes (hf_{t-1}, dr_t)
+    per row in a fp32 scratch; a reverse sweep runs hr and the forward adjoint df and forms the gradients.
 
-    # rows t-1: inputs of the exclusive forward state hf_{t-1}, gates of the reverse adjoint
-    lam_p, vr_p, vi_p = _gates(ub, zb, rows - 1, cs, prev_ok, s_un, s_uc, s_zn, s_zc, gamma)
-    # rows t+1: inputs of the exclusive reverse state hr_{t+1}, gates of the forward adjoint
-    lam_n, vr_n, vi_n = _gates(ub, zb, rows + 1, cs, next_ok, s_un, s_uc, s_zn, s_zc, gamma)
-    d = do_ptr + b * s_db + rows[:, None] * s_dn + cs[None, :] * s_dc
-    gr = tl.load(d, mask=valid, other=0.).to(tl.float32)
-    gi = tl.load(d + C * s_dc, mask=valid, other=0.).to(tl.float32)
-
-    # exclusive states: identity maps outside the chunk so that the chunk's first (last) row holds the carry
-    Pfr, Pfi, SFr, SFi = tl.associative_scan(
-        (tl.where(prev_ok, lam_p * cf[None, :], 1.), lam_p * sf[None, :], vr_p, vi_p), 0, _compose)
-    Prr, Pri, SRr, SRi = tl.associative_scan(
-        (tl.where(next_ok, lam_n * cr_[None, :], 1.), lam_n * sr_[None, :], vr_n, vi_n), 0, _compose, reverse=True)
-    # adjoints: gates conj(a) of the neighbour; on the chunk edge the neighbour is the next chunk's first row
-    edge_n = (rows_local == BLOCK_T - 1)[:, None] & (rows + 1 < N)[:, None] & cmask[None, :]
-    lam_e = _lam(zb, rows + 1, cs, edge_n, s_zn, s_zc, gamma)
-    lam_fn = lam_n + lam_e  # lam_{t+1} wherever t+1 < N
-    Dfr, Dfi, DFr, DFi = tl.associative_scan(
-        (tl.where(valid, lam_fn * cf[None, :], 1.), -lam_fn * sf[None, :], gr, gi), 0, _compose, reverse=True)
-    edge_p = (rows_local == 0)[:, None] & (rows >= 1)[:, None] & valid
-    lam_s = _lam(zb, rows - 1, cs, edge_p, s_zn, s_zc, gamma)
-    lam_rp = lam_p + lam_s  # lam_{t-1} wherever t >= 1
-    Drr, Dri, DRr, DRi = tl.associative_scan(
-        (tl.where(valid, lam_rp * cr_[None, :], 1.), -lam_rp * sr_[None, :], gr, gi), 0, _compose)
-
+    SUMMARY: write the chunk's maps of the four recurrences (hf, hr, df, dr) instead.
+    """
+    b, k = tl.program_id(1).to(tl.int64), tl.program_id(2)
+    cs, cmask, gamma, cf, sf, cr_, sr_ = _channels(gamma_ptr, tf_ptr, tr_ptr, C, BLOCK_C)
+    ub, zb, db = u_ptr + b * s_ub, z_ptr + b * s_zb, do_ptr + b * s_db
+    t0 = k * chunk_len
+    t1 = tl.minimum(t0 + chunk_len, N)
+    zero = tl.zeros([BLOCK_C], tl.float32)
+    one = tl.full([BLOCK_C], 1., tl.float32)
+    # lam of the rows just outside the chunk (0 beyond the sequence): the adjoints' gates at the chunk edges
+    lam_before = tl.where(cmask & (t0 > 0), gamma + (1. - gamma) * tl.sigmoid(
+        tl.load(zb + (t0 - 1) * s_zn + cs, mask=cmask & (t0 > 0), other=0.).to(tl.float32)), 0.)
+    lam_after = tl.where(cmask & (t1 < N), gamma + (1. - gamma) * tl.sigmoid(
+        tl.load(zb + t1 * s_zn + cs, mask=cmask & (t1 < N), other=0.).to(tl.float32)), 0.)
     if SUMMARY:
-        # state summaries as in the forward (the exclusive scans above are shifted by a row, so not these)
-        lam, vr, vi = _gates(ub, zb, rows, cs, valid, s_un, s_uc, s_zn, s_zc, gamma)
-        Fr, Fi, HFr, HFi, Rr, Ri, HRr, HRi = _scan_pair(lam, vr, vi, valid, cf, sf, cr_, sr_)
-        sp = sum_ptr + b * s_sb + k * s_sk
-        _store_summary(sp, s_ss, cs, cmask, rows_local, 0, BLOCK_T - 1, Fr, Fi, HFr, HFi)
-        _store_summary(sp, s_ss, cs, cmask, rows_local, 4, 0, Rr, Ri, HRr, HRi)
-        _store_summary(sp, s_ss, cs, cmask, rows_local, 8, 0, Dfr, Dfi, DFr, DFi)
-        _store_summary(sp, s_ss, cs, cmask, rows_local, 12, BLOCK_T - 1, Drr, Dri, DRr, DRi)
+        Afr, Afi, Hfr, Hfi = one, zero, zero, zero  # hf and hr, as in the forward
+        Arr, Ari, Hrr, Hri = one, zero, zero, zero
+        Pfr, Pfi, Qfr, Qfi = one, zero, zero, zero  # df: reverse type, gate conj(af_{t+1})
+        Prr, Pri, Qrr, Qri = one, zero, zero, zero  # dr: forward type, gate conj(ar_{t-1})
+        lam_prev = lam_before
+        for g in range(t0, t1, UNROLL):
+            for r in tl.static_range(UNROLL):
+                t = g + r
+                m = cmask & (t < t1)
+                lam, vr, vi = _row_gates(ub + t * s_un, zb + t * s_zn, cs, m, gamma)
+                gr, gi = _load_complex(db + t * s_dn + cs, C, m)
+                Afr, Afi, Hfr, Hfi, Arr, Ari, Hrr, Hri = _state_maps(
+                    m, lam, vr, vi, cf, sf, cr_, sr_, Afr, Afi, Hfr, Hfi, Arr, Ari, Hrr, Hri)
+                # df: the previous row's gate is conj(af_t), known now
+                gate = m & (t > t0)
+                Pfr, Pfi = _cmul(Pfr, Pfi, tl.where(gate, lam * cf, 1.), tl.where(gate, -lam * sf, 0.))
+                Qfr, Qfi = Qfr + Pfr * gr - Pfi * gi, Qfi + Pfr * gi + Pfi * gr
+                # dr: this row's gate is conj(ar_{t-1})
+                dr_r, dr_i = tl.where(m, lam_prev * cr_, 1.), tl.where(m, -lam_prev * sr_, 0.)
+                Qrr, Qri = dr_r * Qrr - dr_i * Qri + gr, dr_r * Qri + dr_i * Qrr + gi
+                Prr, Pri = _cmul(dr_r, dr_i, Prr, Pri)
+                lam_prev = tl.where(m, lam, lam_prev)
+        Pfr, Pfi = _cmul(Pfr, Pfi, lam_after * cf, -lam_after * sf)
+        p = sum_ptr + b * s_sb + k * s_sk + cs
+        _store_map(p, s_ss, 0, cmask, Afr, Afi, Hfr, Hfi)
+        _store_map(p, s_ss, 4, cmask, Arr, Ari, Hrr, Hri)
+        _store_map(p, s_ss, 8, cmask, Pfr, Pfi, Qfr, Qfi)
+        _store_map(p, s_ss, 12, cmask, Prr, Pri, Qrr, Qri)
     else:
+        sp = sum_ptr + b * s_sb
+        xb = scr_ptr + b * s_xb
+        # forward sweep: hf_{t-1} and dr_t, stashed
         if HAS_CARRY:
-            sp = sum_ptr + b * s_sb
-            # hf entering the chunk is hf_{t0-1}: the exclusive scan's first row holds it, all rows carry it
-            SFr, SFi = _with_carry(sp, s_sk, s_ss, cs, cmask, k, n_chunks, 0, True, Pfr, Pfi, SFr, SFi)
-            SRr, SRi = _with_carry(sp, s_sk, s_ss, cs, cmask, k, n_chunks, 4, False, Prr, Pri, SRr, SRi)
-            DFr, DFi = _with_carry(sp, s_sk, s_ss, cs, cmask, k, n_chunks, 8, False, Dfr, Dfi, DFr, DFi)
-            DRr, DRi = _with_carry(sp, s_sk, s_ss, cs, cmask, k, n_chunks, 12, True, Drr, Dri, DRr, DRi)
-
-        # this row's own values
-        z = tl.load(zb + rows[:, None] * s_zn + cs[None, :] * s_zc, mask=valid, other=0.).to(tl.float32)
-        ur = tl.load(ub + rows[:, None] * s_un + (2 * cs)[None, :] * s_uc, mask=valid, other=0.).to(tl.float32)
-        ui = tl.load(ub + rows[:, None] * s_un + (2 * cs + 1)[None, :] * s_uc, mask=valid, other=0.).to(tl.float32)
-        sig = tl.sigmoid(z)
-        lam = gamma[None, :] + (1. - gamma[None, :]) * sig
-        sur, sui = tl.sigmoid(ur), tl.sigmoid(ui)
-        dvr, dvi = DFr + DRr, DFi + DRi
-        # d(a_f) = df conj(hf_{t-1}); q = df conj(e^{i theta} hf_{t-1}) gives dlam (Re) and dtheta / lam (Im)
-        hpr, hpi = cf[None, :] * SFr - sf[None, :] * SFi, cf[None, :] * SFi + sf[None, :] * SFr
-        qfr, qfi = DFr * hpr + DFi * hpi, DFi * hpr - DFr * hpi
-        hnr, hni = cr_[None, :] * SRr - sr_[None, :] * SRi, cr_[None, :] * SRi + sr_[None, :] * SRr
-        qrr, qri = DRr * hnr + DRi * hni, DRi * hnr - DRr * hni
-        cre, cim = ur * sur, ui * sui
-        dlam = qfr + qrr - (dvr * cre + dvi * cim)
-        dlam = tl.where(valid, dlam, 0.)
-        w = 1. - lam
-        dur = w * dvr * sur * (1. + ur * (1. - sur))
-        dui = w * dvi * sui * (1. + ui * (1. - sui))
-        dz = dlam * (1. - gamma[None, :]) * sig * (1. - sig)
-        tl.store(dz_ptr + b * s_hb + rows[:, None] * s_hn + cs[None, :], dz.to(dz_ptr.dtype.element_ty), mask=valid)
-        dub = du_ptr + b * s_gb + rows[:, None] * s_gn
-        tl.store(dub + (2 * cs)[None, :], dur.to(du_ptr.dtype.element_ty), mask=valid)
-        tl.store(dub + (2 * cs + 1)[None, :], dui.to(du_ptr.dtype.element_ty), mask=valid)
+            hr_, hi_ = _fold_carries(sp, s_sk, s_ss, cs, cmask, k, n_chunks, 0, True)
+            er, ei = _fold_carries(sp, s_sk, s_ss, cs, cmask, k, n_chunks, 12, True)
+        else:
+            hr_, hi_, er, ei = zero, zero, zero, zero
+        lam_prev = lam_before
+        for g in range(t0, t1, UNROLL):
+            for r in tl.static_range(UNROLL):
+                t = g + r
+                m = cmask & (t < t1)
+                lam, vr, vi = _row_gates(ub + t * s_un, zb + t * s_zn, cs, m, gamma)
+                gr, gi = _load_complex(db + t * s_dn + cs, C, m)
+                dr_r, dr_i = lam_prev * cr_, -lam_prev * sr_
+                er, ei = dr_r * er - dr_i * ei + gr, dr_r * ei + dr_i * er + gi
+                x = xb + t * s_xn + cs
+                tl.store(x, hr_, mask=m)
+                tl.store(x + C, hi_, mask=m)
+                tl.store(x + 2 * C, er, mask=m)
+                tl.store(x + 3 * C, ei, mask=m)
+                ar, ai = lam * cf, lam * sf
+                hr_, hi_ = ar * hr_ - ai * hi_ + vr, ar * hi_ + ai * hr_ + vi
+                lam_prev = lam
+        # reverse sweep: hr_{t+1} and df_t, then the gradients of row t
+        if HAS_CARRY:
+            hr_, hi_ = _fold_carries(sp, s_sk, s_ss, cs, cmask, k, n_chunks, 4, False)
+            fr, fi = _fold_carries(sp, s_sk, s_ss, cs, cmask, k, n_chunks, 8, False)
+        else:
+            hr_, hi_, fr, fi = zero, zero, zero, zero
+        lam_next = lam_after
+        dgam, dthf, dthr = zero, zero, zero
+        for g in range(0, t1 - t0, UNROLL):
+            for r in tl.static_range(UNROLL):
+                t = t1 - 1 - g - r
+                m = cmask & (t >= t0)
+                z = tl.load(zb + t * s_zn + cs, mask=m, other=0.).to(tl.float32)
+                ur = tl.load(ub + t * s_un + 2 * cs, mask=m, other=0.).to(tl.float32)
+                ui = tl.load(ub + t * s_un + 2 * cs + 1, mask=m, other=0.).to(tl.float32)
+                gr, gi = _load_complex(db + t * s_dn + cs, C, m)
+                x = xb + t * s_xn + cs
+                pr = tl.load(x, mask=m, other=0.)
+                pi = tl.load(x + C, mask=m, other=0.)
+                er = tl.load(x + 2 * C, mask=m, other=0.)
+                ei = tl.load(x + 3 * C, mask=m, other=0.)
+                sig = tl.sigmoid(z)
+                lam = tl.where(m, gamma + (1. - gamma) * sig, 0.)
+                sur, sui = tl.sigmoid(ur), tl.sigmoid(ui)
+                cre, cim = ur * sur, ui * sui
+                fr, fi = lam_next * (cf * fr + sf * fi) + gr, lam_next * (cf * fi - sf * fr) + gi
+                dvr, dvi = fr + er, fi + ei
+                # q = d conj(e^{i theta} h_neighbour): Re -> dlam, lam Im -> dtheta
+                hpr, hpi = _cmul(cf, sf, pr, pi)
+                qfr, qfi = fr * hpr + fi * hpi, fi * hpr - fr * hpi
+                hnr, hni = _cmul(cr_, sr_, hr_, hi_)
+                qrr, qri = er * hnr + ei * hni, ei * hnr - er * hni
+                dlam = tl.where(m, qfr + qrr - (dvr * cre + dvi * cim), 0.)
+                w = 1. - lam
+                dur = w * dvr * sur * (1. + ur * (1. - sur))
+                dui = w * dvi * sui * (1. + ui * (1. - sui))
+                tl.store(dz_ptr + b * s_hb + t * s_hn + cs,
+                         (dlam * (1. - gamma) * sig * (1. - sig)).to(dz_ptr.dtype.element_ty), mask=m)
+                dub = du_ptr + b * s_gb + t * s_gn + 2 * cs
+                tl.store(dub, dur.to(du_ptr.dtype.element_ty), mask=m)
+                tl.store(dub + 1, dui.to(du_ptr.dtype.element_ty), mask=m)
+                dgam += dlam * (1. - sig)
+                dthf += tl.where(m, lam * qfi, 0.)
+                dthr += tl.where(m, lam * qri, 0.)
+                vr, vi = w * cre, w * cim
+                ar, ai = lam * cr_, lam * sr_
+                hr_, hi_ = ar * hr_ - ai * hi_ + vr, ar * hi_ + ai * hr_ + vi
+                lam_next = lam
         pp = part_ptr + b * s_pb + k * s_pk + cs
-        tl.store(pp, tl.sum(dlam * (1. - sig), axis=0), mask=cmask)
-        tl.store(pp + s_ps, tl.sum(tl.where(valid, lam * qfi, 0.), axis=0), mask=cmask)
-        tl.store(pp + 2 * s_ps, tl.sum(tl.where(valid, lam * qri, 0.), axis=0), mask=cmask)
+        tl.store(pp, dgam, mask=cmask)
+        tl.store(pp + s_ps, dthf, mask=cmask)
+        tl.store(pp + 2 * s_ps, dthr, mask=cmask)
 
 
-def _chunking(N: int, max_t: int) -> Tuple[int, int]:
-    block_t = min(triton.next_power_of_2(max(N, 1)), max_t)
-    return block_t, triton.cdiv(N, block_t)
+def _num_sms(device: torch.device) -> int:
+    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == 'cuda' else 4
+
+
+def _chunks(B: int, N: int, C: int, device: torch.device) -> Tuple[int, int, int]:
+    """Channel blocks, chunks and chunk length: split the sequence only when B x C alone cannot fill the GPU."""
+    n_cblocks = triton.cdiv(C, BLOCK_C)
+    n_chunks = min(triton.cdiv(PROGRAMS_PER_SM * _num_sms(device), B * n_cblocks), triton.cdiv(N, MIN_CHUNK))
+    chunk_len = triton.cdiv(triton.cdiv(N, max(n_chunks, 1)), UNROLL) * UNROLL
+    return n_cblocks, triton.cdiv(N, chunk_len), chunk_len
 
 
 def bihgru_fwd(u, z, gamma, theta_f, theta_r) -> torch.Tensor:
     """Forward of the fused kernel; returns (B, N, 2C) in the dtype of u."""
+    u, z = (t if t.stride(-1) == 1 else t.contiguous() for t in (u, z))
     B, N, C = z.shape
     out = torch.empty(B, N, 2 * C, device=u.device, dtype=u.dtype)
-    block_t, n_chunks = _chunking(N, FWD_MAX_T)
-    grid = (triton.cdiv(C, FWD_BLOCK_C), B, n_chunks)
+    n_cblocks, n_chunks, chunk_len = _chunks(B, N, C, u.device)
     summ = torch.empty(B, n_chunks, 8, C, device=u.device, dtype=torch.float32) if n_chunks > 1 else out
-    args = (u, z, gamma, theta_f, theta_r, out, summ, N, C, n_chunks,
-            *u.stride(), *z.stride(), out.stride(0), out.stride(1), *_sum_strides(summ, n_chunks))
-    meta = dict(BLOCK_T=block_t, BLOCK_C=FWD_BLOCK_C, num_warps=FWD_WARPS)
+    grid = (n_cblocks, B, n_chunks)
+    args = (u, z, gamma, theta_f, theta_r, out, summ, N, C, n_chunks, chunk_len, u.stride(0), u.stride(1),
+            z.stride(0), z.stride(1), out.stride(0), out.stride(1), *_sum_strides(summ, n_chunks))
+    meta = dict(BLOCK_C=BLOCK_C, UNROLL=UNROLL, num_warps=WARPS)
     if n_chunks > 1:
         _bihgru_fwd_kernel[grid](*args, SUMMARY=True, HAS_CARRY=False, **meta)
     _bihgru_fwd_kernel[grid](*args, SUMMARY=False, HAS_CARRY=n_chunks > 1, **meta)
@@ -273,17 +334,20 @@ def bihgru_fwd(u, z, gamma, theta_f, theta_r) -> torch.Tensor:
 
 def bihgru_bwd(dout, u, z, gamma, theta_f, theta_r):
     """Backward of the fused kernel: grads of u, z, gamma, theta_f, theta_r."""
+    u, z, dout = (t if t.stride(-1) == 1 else t.contiguous() for t in (u, z, dout))
     B, N, C = z.shape
     du = torch.empty(u.shape, device=u.device, dtype=u.dtype)
     dz = torch.empty(z.shape, device=z.device, dtype=z.dtype)
-    block_t, n_chunks = _chunking(N, BWD_MAX_T)
-    grid = (triton.cdiv(C, BWD_BLOCK_C), B, n_chunks)
+    n_cblocks, n_chunks, chunk_len = _chunks(B, N, C, u.device)
     part = torch.empty(B, n_chunks, 3, C, device=u.device, dtype=torch.float32)
     summ = torch.empty(B, n_chunks, 16, C, device=u.device, dtype=torch.float32) if n_chunks > 1 else part
-    args = (u, z, gamma, theta_f, theta_r, dout, du, dz, part, summ, N, C, n_chunks,
-            *u.stride(), *z.stride(), *dout.stride(), du.stride(0), du.stride(1), dz.stride(0), dz.stride(1),
-            *_sum_strides(summ, n_chunks), *part.stride()[:3])
-    meta = dict(BLOCK_T=block_t, BLOCK_C=BWD_BLOCK_C, num_warps=BWD_WARPS)
+    scratch = torch.empty(B, N, 4 * C, device=u.device, dtype=torch.float32)
+    grid = (n_cblocks, B, n_chunks)
+    args = (u, z, gamma, theta_f, theta_r, dout, du, dz, part, summ, scratch, N, C, n_chunks, chunk_len,
+            u.stride(0), u.stride(1), z.stride(0), z.stride(1), dout.stride(0), dout.stride(1),
+            du.stride(0), du.stride(1), dz.stride(0), dz.stride(1), *_sum_strides(summ, n_chunks),
+            *part.stride()[:3], scratch.stride(0), scratch.stride(1))
+    meta = dict(BLOCK_C=BLOCK_C, UNROLL=UNROLL, num_warps=WARPS)
     if n_chunks > 1:
         _bihgru_bwd_kernel[grid](*args, SUMMARY=True, HAS_CARRY=False, **meta)
     _bihgru_bwd_kernel[grid](*args, SUMMARY=False, HAS_CARRY=n_chunks > 1, **meta)
