@@ -182,7 +182,6 @@ def train_parser() -> argparse.ArgumentParser:
                        help='run folder name (default: date-time-model)')
     group.add_argument('--eval-metric', default='top1', type=str, metavar='EVAL_METRIC',
                        help='metric that ranks checkpoints (top1, loss, ema_top1, ...)')
-    group.add_argument('--val-interval', type=int, default=1, metavar='N', help='epochs between evaluations')
     group.add_argument('--dist-bn', type=str, default='reduce', help='distribute BatchNorm stats (broadcast, reduce)')
     group.add_argument('--no-plot', action='store_true', default=False, help='do not write the PNG plot')
     group.add_argument('--no-progress', action='store_true', default=False, help='no progress bar even on a TTY')

@@ -329,23 +329,21 @@ def _train_loop(
             is_primary=is_primary)
         if args.distributed and args.dist_bn in ('broadcast', 'reduce'):
             distribute_bn(model, args.world_size, args.dist_bn == 'reduce')
-        last_epoch = epoch + 1 == num_epochs
-        if (epoch + 1) % args.val_interval == 0 or last_epoch:
-            eval_metrics = evaluate(train_model, loader_eval, eval_loss_fn, **eval_kw)
-            eval_metrics.pop('samples')
-            if model_ema is not None:
-                ema_metrics = evaluate(model_ema, loader_eval, eval_loss_fn, **eval_kw)
-                eval_metrics.update((f'ema_{k}', v) for k, v in ema_metrics.items() if k != 'samples')
-            if is_primary:
-                ema_str = (f'  EMA top-1 {eval_metrics["ema_top1"]:.2f}  loss {eval_metrics["ema_loss"]:.4f}'
-                           if model_ema is not None else '')
-                elapsed = time.time() - run_start
-                eta = elapsed / (epoch + 1 - start_epoch) * (num_epochs - epoch - 1)
-                _logger.info(
-                    f'Epoch {epoch}: train loss {train_metrics["loss"]:.4f}  eval top-1 {eval_metrics["top1"]:.2f}'
-                    f'  top-5 {eval_metrics["top5"]:.2f}  loss {eval_metrics["loss"]:.4f}{ema_str}'
-                    f'  ({train_metrics["img_per_sec"]:.0f} img/s train, elapsed {format_seconds(elapsed)},'
-                    f' ETA {format_seconds(eta)})')
+        eval_metrics = evaluate(train_model, loader_eval, eval_loss_fn, **eval_kw)
+        eval_metrics.pop('samples')
+        if model_ema is not None:
+            ema_metrics = evaluate(model_ema, loader_eval, eval_loss_fn, **eval_kw)
+            eval_metrics.update((f'ema_{k}', v) for k, v in ema_metrics.items() if k != 'samples')
+        if is_primary:
+            ema_str = (f'  EMA top-1 {eval_metrics["ema_top1"]:.2f}  loss {eval_metrics["ema_loss"]:.4f}'
+                       if model_ema is not None else '')
+            elapsed = time.time() - run_start
+            eta = elapsed / (epoch + 1 - start_epoch) * (num_epochs - epoch - 1)
+            _logger.info(
+                f'Epoch {epoch}: train loss {train_metrics["loss"]:.4f}  eval top-1 {eval_metrics["top1"]:.2f}'
+                f'  top-5 {eval_metrics["top5"]:.2f}  loss {eval_metrics["loss"]:.4f}{ema_str}'
+                f'  ({train_metrics["img_per_sec"]:.0f} img/s train, elapsed {format_seconds(elapsed)},'
+                f' ETA {format_seconds(eta)})')
         if lr_scheduler is not None:
             lr_scheduler.step(epoch + 1, eval_metrics.get(args.eval_metric))
         if is_primary:
