@@ -1,7 +1,7 @@
 """Fused Triton kernels of the bidirectional HGRU scan, forward and backward.
 
 A program owns `BLOCK_C` channels (one per thread) of one batch row and walks the tokens one at a time, the loads
-of a tile of rows issued together so that their latencies overlap. The forward makes a forward sweep that writes
+of `UNROLL` rows issued together so that their latencies overlap. The forward makes a forward sweep that writes
 hf, then a reverse sweep over the same rows (still in cache) that adds hr: `u` and `z` come from memory once and
 `[Re h | Im h]` goes out once. No flipped copies, no gates or states in memory, fp32 state for any input dtype.
 
@@ -25,9 +25,9 @@ import torch
 import triton
 import triton.language as tl
 
-# channels per program (one per thread), warps, rows per tile (their loads are issued together), programs per SM
-# to aim for, and the shortest chunk when a sequence is split; tuned on an H200 with scripts/gpu_scan_tune.py
-BLOCK_C, WARPS, FWD_UNROLL, BWD_UNROLL, PROGRAMS_PER_SM, MIN_CHUNK = 128, 4, 8, 8, 4, 64
+# channels per program (one per thread), warps, rows whose loads are issued together, programs per SM to aim for,
+# and the shortest chunk when a sequence is split: the fastest of a sweep on an H200 (scripts/gpu_scan_tune.py)
+BLOCK_C, WARPS, UNROLL, PROGRAMS_PER_SM, MIN_CHUNK = 128, 4, 16, 4, 64
 
 
 @triton.jit
@@ -66,32 +66,14 @@ def _channels(gamma_ptr, tf_ptr, tr_ptr, C, BLOCK_C: tl.constexpr):
 
 
 @triton.jit
-def _tile_inputs(u_ptr, z_ptr, s_un, s_zn, rows, cl, m):
-    """z, Re u, Im u of UNROLL token rows x BLOCK_C channels (channel stride 1) as fp32 tiles, 0 outside m."""
-    z = tl.load(z_ptr + rows[:, None] * s_zn + cl[None, :], mask=m, other=0.).to(tl.float32)
-    up = u_ptr + rows[:, None] * s_un + 2 * cl[None, :]
-    return z, tl.load(up, mask=m, other=0.).to(tl.float32), tl.load(up + 1, mask=m, other=0.).to(tl.float32)
-
-
-@triton.jit
-def _tile_gates(u_ptr, z_ptr, s_un, s_zn, rows, cl, m, gamma):
-    """lam, Re v, Im v of a tile of rows as fp32 tiles, 0 outside m."""
-    z, ur, ui = _tile_inputs(u_ptr, z_ptr, s_un, s_zn, rows, cl, m)
-    lam = tl.where(m, gamma[None, :] + (1. - gamma[None, :]) * tl.sigmoid(z), 0.)
+def _row_gates(u_ptr, z_ptr, cs, m, gamma):
+    """One token row of BLOCK_C channels (channel stride 1): lam, Re v, Im v in fp32; 0 outside the mask."""
+    z = tl.load(z_ptr + cs, mask=m, other=0.).to(tl.float32)
+    ur = tl.load(u_ptr + 2 * cs, mask=m, other=0.).to(tl.float32)
+    ui = tl.load(u_ptr + 2 * cs + 1, mask=m, other=0.).to(tl.float32)
+    lam = tl.where(m, gamma + (1. - gamma) * tl.sigmoid(z), 0.)
     w = 1. - lam
     return lam, w * ur * tl.sigmoid(ur), w * ui * tl.sigmoid(ui)
-
-
-@triton.jit
-def _pick(x, ridx, r: tl.constexpr):
-    """Row r of a (UNROLL, BLOCK_C) tile. Each thread holds whole columns, so this is a register move."""
-    return tl.sum(tl.where(ridx[:, None] == r, x, 0.), axis=0)
-
-
-@triton.jit
-def _put(x, ridx, r: tl.constexpr, row):
-    """The tile x with its row r replaced by `row`."""
-    return tl.where(ridx[:, None] == r, row[None, :], x)
 
 
 @triton.jit
@@ -135,29 +117,24 @@ def _bihgru_fwd_kernel(
 ):
     """Token by token, BLOCK_C channels wide: a forward sweep writes hf, a reverse sweep adds hr (rows still cached).
 
-    Rows come in groups of UNROLL: one tile load per group (all in flight together), the recurrence steps through
-    the tile's rows in registers, one tile store per group. SUMMARY: write the chunk's (A, b) per direction instead.
+    SUMMARY: write the chunk's (A, b) per direction instead. Loads are unrolled UNROLL rows deep so they overlap.
     """
     b, k = tl.program_id(1).to(tl.int64), tl.program_id(2)
     cs, cmask, gamma, cf, sf, cr_, sr_ = _channels(gamma_ptr, tf_ptr, tr_ptr, C, BLOCK_C)
-    cl = tl.where(cmask, cs, 0)  # not provably contiguous: one column per thread, no vectorised split of rows
-    ridx = tl.arange(0, UNROLL)
     ub, zb, ob = u_ptr + b * s_ub, z_ptr + b * s_zb, out_ptr + b * s_ob
     t0 = k * chunk_len
     t1 = tl.minimum(t0 + chunk_len, N)
-    zero = tl.zeros([BLOCK_C], tl.float32)
     if SUMMARY:
+        zero = tl.zeros([BLOCK_C], tl.float32)
         afr_t, afi_t, hfr, hfi = zero + 1., zero, zero, zero
         arr_t, ari_t, hrr, hri = zero + 1., zero, zero, zero
         for g in range(t0, t1, UNROLL):
-            rows = g + ridx
-            mt = (rows < t1)[:, None] & cmask[None, :]
-            lam_t, vr_t, vi_t = _tile_gates(ub, zb, s_un, s_zn, rows, cl, mt, gamma)
             for r in tl.static_range(UNROLL):
-                m = cmask & (g + r < t1)
+                t = g + r
+                m = cmask & (t < t1)
+                lam, vr, vi = _row_gates(ub + t * s_un, zb + t * s_zn, cs, m, gamma)
                 afr_t, afi_t, hfr, hfi, arr_t, ari_t, hrr, hri = _state_maps(
-                    m, _pick(lam_t, ridx, r), _pick(vr_t, ridx, r), _pick(vi_t, ridx, r), cf, sf, cr_, sr_,
-                    afr_t, afi_t, hfr, hfi, arr_t, ari_t, hrr, hri)
+                    m, lam, vr, vi, cf, sf, cr_, sr_, afr_t, afi_t, hfr, hfi, arr_t, ari_t, hrr, hri)
         p = sum_ptr + b * s_sb + k * s_sk + cs
         _store_map(p, s_ss, 0, cmask, afr_t, afi_t, hfr, hfi)
         _store_map(p, s_ss, 4, cmask, arr_t, ari_t, hrr, hri)
@@ -165,36 +142,32 @@ def _bihgru_fwd_kernel(
         if HAS_CARRY:
             hr_, hi_ = _fold_carries(sum_ptr + b * s_sb, s_sk, s_ss, cs, cmask, k, n_chunks, 0, True)
         else:
-            hr_, hi_ = zero, zero
+            hr_, hi_ = tl.zeros([BLOCK_C], tl.float32), tl.zeros([BLOCK_C], tl.float32)
         for g in range(t0, t1, UNROLL):
-            rows = g + ridx
-            mt = (rows < t1)[:, None] & cmask[None, :]
-            lam_t, vr_t, vi_t = _tile_gates(ub, zb, s_un, s_zn, rows, cl, mt, gamma)
-            ar_t, ai_t = lam_t * cf[None, :], lam_t * sf[None, :]
             for r in tl.static_range(UNROLL):
-                ar, ai = _pick(ar_t, ridx, r), _pick(ai_t, ridx, r)
-                hr_, hi_ = ar * hr_ - ai * hi_ + _pick(vr_t, ridx, r), ar * hi_ + ai * hr_ + _pick(vi_t, ridx, r)
-                ar_t, ai_t = _put(ar_t, ridx, r, hr_), _put(ai_t, ridx, r, hi_)  # the tile now holds hf
-            o = ob + rows[:, None] * s_on + cl[None, :]
-            tl.store(o, ar_t.to(out_ptr.dtype.element_ty), mask=mt)
-            tl.store(o + C, ai_t.to(out_ptr.dtype.element_ty), mask=mt)
+                t = g + r
+                m = cmask & (t < t1)
+                lam, vr, vi = _row_gates(ub + t * s_un, zb + t * s_zn, cs, m, gamma)
+                ar, ai = lam * cf, lam * sf
+                hr_, hi_ = ar * hr_ - ai * hi_ + vr, ar * hi_ + ai * hr_ + vi
+                o = ob + t * s_on + cs
+                tl.store(o, hr_.to(out_ptr.dtype.element_ty), mask=m)
+                tl.store(o + C, hi_.to(out_ptr.dtype.element_ty), mask=m)
         if HAS_CARRY:
             hr_, hi_ = _fold_carries(sum_ptr + b * s_sb, s_sk, s_ss, cs, cmask, k, n_chunks, 4, False)
         else:
-            hr_, hi_ = zero, zero
+            hr_, hi_ = tl.zeros([BLOCK_C], tl.float32), tl.zeros([BLOCK_C], tl.float32)
         for g in range(0, t1 - t0, UNROLL):
-            rows = t1 - 1 - g - ridx  # descending
-            mt = (rows >= t0)[:, None] & cmask[None, :]
-            lam_t, vr_t, vi_t = _tile_gates(ub, zb, s_un, s_zn, rows, cl, mt, gamma)
-            o = ob + rows[:, None] * s_on + cl[None, :]
-            fr_t, fi_t = _load_complex(o, C, mt)
-            ar_t, ai_t = lam_t * cr_[None, :], lam_t * sr_[None, :]
             for r in tl.static_range(UNROLL):
-                ar, ai = _pick(ar_t, ridx, r), _pick(ai_t, ridx, r)
-                hr_, hi_ = ar * hr_ - ai * hi_ + _pick(vr_t, ridx, r), ar * hi_ + ai * hr_ + _pick(vi_t, ridx, r)
-                ar_t, ai_t = _put(ar_t, ridx, r, hr_), _put(ai_t, ridx, r, hi_)  # the tile now holds hr
-            tl.store(o, (fr_t + ar_t).to(out_ptr.dtype.element_ty), mask=mt)
-            tl.store(o + C, (fi_t + ai_t).to(out_ptr.dtype.element_ty), mask=mt)
+                t = t1 - 1 - g - r
+                m = cmask & (t >= t0)
+                lam, vr, vi = _row_gates(ub + t * s_un, zb + t * s_zn, cs, m, gamma)
+                ar, ai = lam * cr_, lam * sr_
+                hr_, hi_ = ar * hr_ - ai * hi_ + vr, ar * hi_ + ai * hr_ + vi
+                o = ob + t * s_on + cs
+                fr, fi = _load_complex(o, C, m)
+                tl.store(o, (fr + hr_).to(out_ptr.dtype.element_ty), mask=m)
+                tl.store(o + C, (fi + hi_).to(out_ptr.dtype.element_ty), mask=m)
 
 
 @triton.jit
@@ -204,21 +177,18 @@ def _bihgru_bwd_kernel(
         s_ub, s_un, s_zb, s_zn, s_db, s_dn, s_gb, s_gn, s_hb, s_hn, s_sb, s_sk, s_ss, s_pb, s_pk, s_ps, s_xb, s_xn,
         BLOCK_C: tl.constexpr, UNROLL: tl.constexpr, SUMMARY: tl.constexpr, HAS_CARRY: tl.constexpr,
 ):
-    """Backward, token by token in groups of UNROLL rows as in the forward. A forward sweep runs hf and the reverse
-    adjoint dr and stashes (hf_{t-1}, dr_t) per row in a fp32 scratch; a reverse sweep runs hr and the forward
-    adjoint df, then forms the gradients of the group's rows tile-wise.
+    """Backward, token by token. A forward sweep runs hf and the reverse adjoint dr and stashes (hf_{t-1}, dr_t)
+    per row in a fp32 scratch; a reverse sweep runs hr and the forward adjoint df and forms the gradients.
 
     SUMMARY: write the chunk's maps of the four recurrences (hf, hr, df, dr) instead.
     """
     b, k = tl.program_id(1).to(tl.int64), tl.program_id(2)
     cs, cmask, gamma, cf, sf, cr_, sr_ = _channels(gamma_ptr, tf_ptr, tr_ptr, C, BLOCK_C)
-    cl = tl.where(cmask, cs, 0)
-    ridx = tl.arange(0, UNROLL)
     ub, zb, db = u_ptr + b * s_ub, z_ptr + b * s_zb, do_ptr + b * s_db
     t0 = k * chunk_len
     t1 = tl.minimum(t0 + chunk_len, N)
     zero = tl.zeros([BLOCK_C], tl.float32)
-    one = zero + 1.
+    one = tl.full([BLOCK_C], 1., tl.float32)
     # lam of the rows just outside the chunk (0 beyond the sequence): the adjoints' gates at the chunk edges
     lam_before = tl.where(cmask & (t0 > 0), gamma + (1. - gamma) * tl.sigmoid(
         tl.load(zb + (t0 - 1) * s_zn + cs, mask=cmask & (t0 > 0), other=0.).to(tl.float32)), 0.)
@@ -227,21 +197,17 @@ def _bihgru_bwd_kernel(
     if SUMMARY:
         Afr, Afi, Hfr, Hfi = one, zero, zero, zero  # hf and hr, as in the forward
         Arr, Ari, Hrr, Hri = one, zero, zero, zero
-        Pfr, Pfi, Qfr, Qfi = one, zero, zero, zero  # df: reverse kind, gate conj(af_{t+1})
-        Prr, Pri, Qrr, Qri = one, zero, zero, zero  # dr: forward kind, gate conj(ar_{t-1})
+        Pfr, Pfi, Qfr, Qfi = one, zero, zero, zero  # df: reverse type, gate conj(af_{t+1})
+        Prr, Pri, Qrr, Qri = one, zero, zero, zero  # dr: forward type, gate conj(ar_{t-1})
         lam_prev = lam_before
         for g in range(t0, t1, UNROLL):
-            rows = g + ridx
-            mt = (rows < t1)[:, None] & cmask[None, :]
-            lam_t, vr_t, vi_t = _tile_gates(ub, zb, s_un, s_zn, rows, cl, mt, gamma)
-            gr_t, gi_t = _load_complex(db + rows[:, None] * s_dn + cl[None, :], C, mt)
             for r in tl.static_range(UNROLL):
                 t = g + r
                 m = cmask & (t < t1)
-                lam, gr, gi = _pick(lam_t, ridx, r), _pick(gr_t, ridx, r), _pick(gi_t, ridx, r)
+                lam, vr, vi = _row_gates(ub + t * s_un, zb + t * s_zn, cs, m, gamma)
+                gr, gi = _load_complex(db + t * s_dn + cs, C, m)
                 Afr, Afi, Hfr, Hfi, Arr, Ari, Hrr, Hri = _state_maps(
-                    m, lam, _pick(vr_t, ridx, r), _pick(vi_t, ridx, r), cf, sf, cr_, sr_,
-                    Afr, Afi, Hfr, Hfi, Arr, Ari, Hrr, Hri)
+                    m, lam, vr, vi, cf, sf, cr_, sr_, Afr, Afi, Hfr, Hfi, Arr, Ari, Hrr, Hri)
                 # df: the previous row's gate is conj(af_t), known now
                 gate = m & (t > t0)
                 Pfr, Pfi = _cmul(Pfr, Pfi, tl.where(gate, lam * cf, 1.), tl.where(gate, -lam * sf, 0.))
@@ -268,27 +234,22 @@ def _bihgru_bwd_kernel(
             hr_, hi_, er, ei = zero, zero, zero, zero
         lam_prev = lam_before
         for g in range(t0, t1, UNROLL):
-            rows = g + ridx
-            mt = (rows < t1)[:, None] & cmask[None, :]
-            lam_t, vr_t, vi_t = _tile_gates(ub, zb, s_un, s_zn, rows, cl, mt, gamma)
-            gr_t, gi_t = _load_complex(db + rows[:, None] * s_dn + cl[None, :], C, mt)
             for r in tl.static_range(UNROLL):
-                lam, vr, vi = _pick(lam_t, ridx, r), _pick(vr_t, ridx, r), _pick(vi_t, ridx, r)
+                t = g + r
+                m = cmask & (t < t1)
+                lam, vr, vi = _row_gates(ub + t * s_un, zb + t * s_zn, cs, m, gamma)
+                gr, gi = _load_complex(db + t * s_dn + cs, C, m)
                 dr_r, dr_i = lam_prev * cr_, -lam_prev * sr_
-                er, ei = (dr_r * er - dr_i * ei + _pick(gr_t, ridx, r),
-                          dr_r * ei + dr_i * er + _pick(gi_t, ridx, r))
-                # row r of the tiles, read above, now stashes (hf_{t-1}, dr_t)
-                vr_t, vi_t = _put(vr_t, ridx, r, hr_), _put(vi_t, ridx, r, hi_)
-                gr_t, gi_t = _put(gr_t, ridx, r, er), _put(gi_t, ridx, r, ei)
+                er, ei = dr_r * er - dr_i * ei + gr, dr_r * ei + dr_i * er + gi
+                x = xb + t * s_xn + cs
+                tl.store(x, hr_, mask=m)
+                tl.store(x + C, hi_, mask=m)
+                tl.store(x + 2 * C, er, mask=m)
+                tl.store(x + 3 * C, ei, mask=m)
                 ar, ai = lam * cf, lam * sf
                 hr_, hi_ = ar * hr_ - ai * hi_ + vr, ar * hi_ + ai * hr_ + vi
                 lam_prev = lam
-            x = xb + rows[:, None] * s_xn + cl[None, :]
-            tl.store(x, vr_t, mask=mt)
-            tl.store(x + C, vi_t, mask=mt)
-            tl.store(x + 2 * C, gr_t, mask=mt)
-            tl.store(x + 3 * C, gi_t, mask=mt)
-        # reverse sweep: hr_{t+1} and df_t, then the gradients of the group's rows
+        # reverse sweep: hr_{t+1} and df_t, then the gradients of row t
         if HAS_CARRY:
             hr_, hi_ = _fold_carries(sp, s_sk, s_ss, cs, cmask, k, n_chunks, 4, False)
             fr, fi = _fold_carries(sp, s_sk, s_ss, cs, cmask, k, n_chunks, 8, False)
@@ -297,45 +258,45 @@ def _bihgru_bwd_kernel(
         lam_next = lam_after
         dgam, dthf, dthr = zero, zero, zero
         for g in range(0, t1 - t0, UNROLL):
-            rows = t1 - 1 - g - ridx  # descending
-            mt = (rows >= t0)[:, None] & cmask[None, :]
-            z, ur, ui = _tile_inputs(ub, zb, s_un, s_zn, rows, cl, mt)
-            sig, sur, sui = tl.sigmoid(z), tl.sigmoid(ur), tl.sigmoid(ui)
-            lam_t = tl.where(mt, gamma[None, :] + (1. - gamma[None, :]) * sig, 0.)
-            cre, cim = ur * sur, ui * sui
-            vr_t, vi_t = (1. - lam_t) * cre, (1. - lam_t) * cim
-            gr_t, gi_t = _load_complex(db + rows[:, None] * s_dn + cl[None, :], C, mt)
-            x = xb + rows[:, None] * s_xn + cl[None, :]
-            pr_t, pi_t = _load_complex(x, C, mt)  # hf_{t-1}
-            er_t, ei_t = _load_complex(x + 2 * C, C, mt)  # dr_t
             for r in tl.static_range(UNROLL):
-                lam, vr, vi = _pick(lam_t, ridx, r), _pick(vr_t, ridx, r), _pick(vi_t, ridx, r)
-                fr, fi = (lam_next * (cf * fr + sf * fi) + _pick(gr_t, ridx, r),
-                          lam_next * (cf * fi - sf * fr) + _pick(gi_t, ridx, r))
-                # row r of the tiles, read above, now holds df_t and hr_{t+1}
-                gr_t, gi_t = _put(gr_t, ridx, r, fr), _put(gi_t, ridx, r, fi)
-                vr_t, vi_t = _put(vr_t, ridx, r, hr_), _put(vi_t, ridx, r, hi_)
+                t = t1 - 1 - g - r
+                m = cmask & (t >= t0)
+                z = tl.load(zb + t * s_zn + cs, mask=m, other=0.).to(tl.float32)
+                ur = tl.load(ub + t * s_un + 2 * cs, mask=m, other=0.).to(tl.float32)
+                ui = tl.load(ub + t * s_un + 2 * cs + 1, mask=m, other=0.).to(tl.float32)
+                gr, gi = _load_complex(db + t * s_dn + cs, C, m)
+                x = xb + t * s_xn + cs
+                pr = tl.load(x, mask=m, other=0.)
+                pi = tl.load(x + C, mask=m, other=0.)
+                er = tl.load(x + 2 * C, mask=m, other=0.)
+                ei = tl.load(x + 3 * C, mask=m, other=0.)
+                sig = tl.sigmoid(z)
+                lam = tl.where(m, gamma + (1. - gamma) * sig, 0.)
+                sur, sui = tl.sigmoid(ur), tl.sigmoid(ui)
+                cre, cim = ur * sur, ui * sui
+                fr, fi = lam_next * (cf * fr + sf * fi) + gr, lam_next * (cf * fi - sf * fr) + gi
+                dvr, dvi = fr + er, fi + ei
+                # q = d conj(e^{i theta} h_neighbour): Re -> dlam, lam Im -> dtheta
+                hpr, hpi = _cmul(cf, sf, pr, pi)
+                qfr, qfi = fr * hpr + fi * hpi, fi * hpr - fr * hpi
+                hnr, hni = _cmul(cr_, sr_, hr_, hi_)
+                qrr, qri = er * hnr + ei * hni, ei * hnr - er * hni
+                dlam = tl.where(m, qfr + qrr - (dvr * cre + dvi * cim), 0.)
+                w = 1. - lam
+                dur = w * dvr * sur * (1. + ur * (1. - sur))
+                dui = w * dvi * sui * (1. + ui * (1. - sui))
+                tl.store(dz_ptr + b * s_hb + t * s_hn + cs,
+                         (dlam * (1. - gamma) * sig * (1. - sig)).to(dz_ptr.dtype.element_ty), mask=m)
+                dub = du_ptr + b * s_gb + t * s_gn + 2 * cs
+                tl.store(dub, dur.to(du_ptr.dtype.element_ty), mask=m)
+                tl.store(dub + 1, dui.to(du_ptr.dtype.element_ty), mask=m)
+                dgam += dlam * (1. - sig)
+                dthf += tl.where(m, lam * qfi, 0.)
+                dthr += tl.where(m, lam * qri, 0.)
+                vr, vi = w * cre, w * cim
                 ar, ai = lam * cr_, lam * sr_
                 hr_, hi_ = ar * hr_ - ai * hi_ + vr, ar * hi_ + ai * hr_ + vi
                 lam_next = lam
-            dvr, dvi = gr_t + er_t, gi_t + ei_t
-            # q = d conj(e^{i theta} h_neighbour): Re -> dlam, lam Im -> dtheta
-            hpr, hpi = _cmul(cf[None, :], sf[None, :], pr_t, pi_t)
-            qfr, qfi = gr_t * hpr + gi_t * hpi, gi_t * hpr - gr_t * hpi
-            hnr, hni = _cmul(cr_[None, :], sr_[None, :], vr_t, vi_t)
-            qrr, qri = er_t * hnr + ei_t * hni, ei_t * hnr - er_t * hni
-            dlam = tl.where(mt, qfr + qrr - (dvr * cre + dvi * cim), 0.)
-            w = 1. - lam_t
-            dur = w * dvr * sur * (1. + ur * (1. - sur))
-            dui = w * dvi * sui * (1. + ui * (1. - sui))
-            dzt = dlam * (1. - gamma[None, :]) * sig * (1. - sig)
-            tl.store(dz_ptr + b * s_hb + rows[:, None] * s_hn + cl[None, :], dzt.to(dz_ptr.dtype.element_ty), mask=mt)
-            dub = du_ptr + b * s_gb + rows[:, None] * s_gn + 2 * cl[None, :]
-            tl.store(dub, dur.to(du_ptr.dtype.element_ty), mask=mt)
-            tl.store(dub + 1, dui.to(du_ptr.dtype.element_ty), mask=mt)
-            dgam += tl.sum(dlam * (1. - sig), axis=0)
-            dthf += tl.sum(tl.where(mt, lam_t * qfi, 0.), axis=0)
-            dthr += tl.sum(tl.where(mt, lam_t * qri, 0.), axis=0)
         pp = part_ptr + b * s_pb + k * s_pk + cs
         tl.store(pp, dgam, mask=cmask)
         tl.store(pp + s_ps, dthf, mask=cmask)
@@ -350,8 +311,7 @@ def _chunks(B: int, N: int, C: int, device: torch.device) -> Tuple[int, int, int
     """Channel blocks, chunks and chunk length: split the sequence only when B x C alone cannot fill the GPU."""
     n_cblocks = triton.cdiv(C, BLOCK_C)
     n_chunks = min(triton.cdiv(PROGRAMS_PER_SM * _num_sms(device), B * n_cblocks), triton.cdiv(N, MIN_CHUNK))
-    unroll = max(FWD_UNROLL, BWD_UNROLL)
-    chunk_len = triton.cdiv(triton.cdiv(N, max(n_chunks, 1)), unroll) * unroll
+    chunk_len = triton.cdiv(triton.cdiv(N, max(n_chunks, 1)), UNROLL) * UNROLL
     return n_cblocks, triton.cdiv(N, chunk_len), chunk_len
 
 
@@ -365,7 +325,7 @@ def bihgru_fwd(u, z, gamma, theta_f, theta_r) -> torch.Tensor:
     grid = (n_cblocks, B, n_chunks)
     args = (u, z, gamma, theta_f, theta_r, out, summ, N, C, n_chunks, chunk_len, u.stride(0), u.stride(1),
             z.stride(0), z.stride(1), out.stride(0), out.stride(1), *_sum_strides(summ, n_chunks))
-    meta = dict(BLOCK_C=BLOCK_C, UNROLL=FWD_UNROLL, num_warps=WARPS)
+    meta = dict(BLOCK_C=BLOCK_C, UNROLL=UNROLL, num_warps=WARPS)
     if n_chunks > 1:
         _bihgru_fwd_kernel[grid](*args, SUMMARY=True, HAS_CARRY=False, **meta)
     _bihgru_fwd_kernel[grid](*args, SUMMARY=False, HAS_CARRY=n_chunks > 1, **meta)
@@ -387,7 +347,7 @@ def bihgru_bwd(dout, u, z, gamma, theta_f, theta_r):
             u.stride(0), u.stride(1), z.stride(0), z.stride(1), dout.stride(0), dout.stride(1),
             du.stride(0), du.stride(1), dz.stride(0), dz.stride(1), *_sum_strides(summ, n_chunks),
             *part.stride()[:3], scratch.stride(0), scratch.stride(1))
-    meta = dict(BLOCK_C=BLOCK_C, UNROLL=BWD_UNROLL, num_warps=WARPS)
+    meta = dict(BLOCK_C=BLOCK_C, UNROLL=UNROLL, num_warps=WARPS)
     if n_chunks > 1:
         _bihgru_bwd_kernel[grid](*args, SUMMARY=True, HAS_CARRY=False, **meta)
     _bihgru_bwd_kernel[grid](*args, SUMMARY=False, HAS_CARRY=n_chunks > 1, **meta)
