@@ -1,7 +1,8 @@
 """Command-line arguments of `train.py` / `validate.py`, YAML config files and user-facing errors.
 
 Flag names follow timm's own `train.py` / `validate.py`. A YAML file given with `-c/--config` sets defaults, the
-command line overrides it, and a key the parser does not know is an error that names it.
+command line overrides it (on/off flags also take a `--no-` form, e.g. `--no-amp`, to override a file's `true`), and
+a key the parser does not know is an error that names it.
 """
 import argparse
 import difflib
@@ -12,6 +13,9 @@ import yaml
 
 __all__ = ['UserError', 'ParseKwargs', 'train_parser', 'validate_parser', 'parse_args', 'load_config_file',
            'args_to_yaml']
+
+
+ON_OFF = argparse.BooleanOptionalAction  # `--flag` / `--no-flag`: the CLI can turn off what a config file turned on
 
 
 class UserError(Exception):
@@ -48,7 +52,7 @@ def _add_data_args(parser: argparse.ArgumentParser, training: bool) -> None:
                            help='evaluate on a fixed random subset of N samples')
     else:
         group.add_argument('--split', metavar='NAME', default='validation', help='dataset split')
-    group.add_argument('--dataset-download', action='store_true', default=False,
+    group.add_argument('--dataset-download', action=ON_OFF, default=False,
                        help='allow download of the dataset for torch/ and tfds/ datasets that support it')
     group.add_argument('--input-img-mode', default=None, type=str, help='dataset image conversion mode')
     group.add_argument('--input-key', default=None, type=str, help='dataset key for input images')
@@ -71,18 +75,18 @@ def _add_model_args(parser: argparse.ArgumentParser, training: bool) -> None:
     group.add_argument('-b', '--batch-size', type=int, default=128, metavar='N', help='batch size per process')
     group.add_argument('--model-kwargs', nargs='*', default={}, action=ParseKwargs,
                        help='extra model kwargs, e.g. --model-kwargs embed_dim=64 depth=4 patch_size=7')
-    group.add_argument('--channels-last', action='store_true', default=False, help='use channels_last memory layout')
-    group.add_argument('--grad-checkpointing', action='store_true', default=False,
+    group.add_argument('--channels-last', action=ON_OFF, default=False, help='use channels_last memory layout')
+    group.add_argument('--grad-checkpointing', action=ON_OFF, default=False,
                        help='enable gradient checkpointing through the model')
     group.add_argument('--torchcompile', nargs='?', type=str, default=None, const='inductor',
                        help='torch.compile the model (backend, default inductor)')
-    group.add_argument('--amp', action='store_true', default=False, help='use mixed precision (torch.autocast)')
+    group.add_argument('--amp', action=ON_OFF, default=False, help='use mixed precision (torch.autocast)')
     group.add_argument('--amp-dtype', default='bfloat16', type=str, choices=('bfloat16', 'float16'),
                        help='lower precision AMP dtype; float16 uses a loss scaler')
     group.add_argument('--device', default='cuda' if training else None, type=str,
                        help='device (cuda falls back to cpu when no GPU is present)')
     group.add_argument('-j', '--workers', type=int, default=4, metavar='N', help='data loading processes per rank')
-    group.add_argument('--pin-mem', action='store_true', default=False, help='pin CPU memory in the DataLoader')
+    group.add_argument('--pin-mem', action=ON_OFF, default=False, help='pin CPU memory in the DataLoader')
 
 
 def train_parser() -> argparse.ArgumentParser:
@@ -94,7 +98,7 @@ def train_parser() -> argparse.ArgumentParser:
     _add_model_args(parser, training=True)
 
     group = parser.add_argument_group('Model init / fine-tuning')
-    group.add_argument('--pretrained', action='store_true', default=False,
+    group.add_argument('--pretrained', action=ON_OFF, default=False,
                        help='start from the pretrained weights of the model cfg (none ship with this package)')
     group.add_argument('--initial-checkpoint', default='', type=str, metavar='PATH',
                        help="fine-tune from this checkpoint (ours or the authors'); mismatched head re-initialised")
@@ -118,7 +122,7 @@ def train_parser() -> argparse.ArgumentParser:
 
     group = parser.add_argument_group('Learning rate schedule')
     group.add_argument('--sched', type=str, default='cosine', metavar='SCHEDULER', help='LR scheduler')
-    group.add_argument('--sched-on-updates', action='store_true', default=False,
+    group.add_argument('--sched-on-updates', action=ON_OFF, default=False,
                        help='apply the LR schedule per optimizer update instead of per epoch')
     group.add_argument('--lr', type=float, default=None, metavar='LR',
                        help='learning rate; None: lr_base * global batch / lr_base_size')
@@ -130,7 +134,7 @@ def train_parser() -> argparse.ArgumentParser:
     group.add_argument('--min-lr', type=float, default=1e-5, metavar='LR', help='lower LR bound of the cosine')
     group.add_argument('--epochs', type=int, default=300, metavar='N', help='number of epochs to train')
     group.add_argument('--warmup-epochs', type=float, default=5, metavar='N', help='epochs of linear LR warmup')
-    group.add_argument('--warmup-prefix', action='store_true', default=False,
+    group.add_argument('--warmup-prefix', action=ON_OFF, default=False,
                        help='exclude the warmup from the decay schedule')
     group.add_argument('--stop-epoch', type=int, default=None, metavar='N',
                        help='end this invocation after epoch N-1 without changing the schedule (job time limits); '
@@ -165,13 +169,13 @@ def train_parser() -> argparse.ArgumentParser:
                        help='training interpolation (random, bilinear, bicubic)')
 
     group = parser.add_argument_group('Model EMA')
-    group.add_argument('--model-ema', action='store_true', default=False, help='keep an EMA of the weights')
+    group.add_argument('--model-ema', action=ON_OFF, default=False, help='keep an EMA of the weights')
     group.add_argument('--model-ema-decay', type=float, default=0.9998, help='EMA decay')
-    group.add_argument('--model-ema-warmup', action='store_true', default=False, help='EMA decay warmup')
+    group.add_argument('--model-ema-warmup', action=ON_OFF, default=False, help='EMA decay warmup')
 
     group = parser.add_argument_group('Miscellaneous')
     group.add_argument('--seed', type=int, default=42, metavar='S', help='random seed')
-    group.add_argument('--deterministic', action='store_true', default=False,
+    group.add_argument('--deterministic', action=ON_OFF, default=False,
                        help='deterministic algorithms (reproducible runs and exact --resume)')
     group.add_argument('--log-interval', type=int, default=50, metavar='N', help='batches between log lines')
     group.add_argument('--recovery-interval', type=int, default=0, metavar='N',
@@ -196,7 +200,7 @@ def validate_parser() -> argparse.ArgumentParser:
     _add_model_args(parser, training=False)
     parser.set_defaults(workers=2, batch_size=256)
     parser.add_argument('--checkpoint', default='', type=str, metavar='PATH', help='checkpoint to evaluate')
-    parser.add_argument('--pretrained', action='store_true', default=False, help='use the model cfg weights')
+    parser.add_argument('--pretrained', action=ON_OFF, default=False, help='use the model cfg weights')
     ema = parser.add_mutually_exclusive_group()
     ema.add_argument('--use-ema', dest='use_ema', action='store_true', default=None,
                      help='evaluate the EMA weights (default when the checkpoint has them)')
