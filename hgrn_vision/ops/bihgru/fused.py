@@ -2,8 +2,9 @@
 
 A program owns `BLOCK_C` channels (one per thread) of one batch row and walks the tokens one at a time, the loads
 of `UNROLL` rows issued together so that their latencies overlap. The forward makes a forward sweep that writes
-hf, then a reverse sweep over the same rows (still in cache) that adds hr: `u` and `z` come from memory once and
-`[Re h | Im h]` goes out once. No flipped copies, no gates or states in memory, fp32 state for any input dtype.
+hf, then a reverse sweep over the same rows that re-reads u, z and hf (from cache while the rows stay in L2) and
+adds hr. No flipped copies, no gates or states materialised by PyTorch, fp32 state for any input dtype. Measured
+speed and its limits: docs/PERF.md.
 
 When B x C alone cannot fill the GPU (long sequences, small batches) the sequence is split into chunks run by
 separate programs, a two-level scan: a first launch writes each chunk's map `h -> A h + b` per recurrence (from a
@@ -15,7 +16,8 @@ Backward recomputes the states instead of saving them. With `G = dL/dRe + i dL/d
     dr_t = g_t + conj(ar_{t-1}) dr_{t-1}          (adjoint of the reverse state, a forward recurrence)
     dv_t = df_t + dr_t,   d af_t = df_t conj(hf_{t-1}),   d ar_t = dr_t conj(hr_{t+1})
 Each gradient pairs a forward-order quantity with a reverse-order one, so a forward sweep stashes (hf_{t-1}, dr_t)
-in a fp32 scratch and a reverse sweep reads them back (cache hits) beside hr_{t+1} and df_t. Nothing divides by a
+in a fp32 scratch (16 bytes per (B, N, C) element, freed after the call) and a reverse sweep reads them back
+beside hr_{t+1} and df_t. Nothing divides by a
 gate. Per-channel gradients (gamma, theta_f, theta_r) are fp32 partials per program, reduced once afterwards.
 """
 import os
