@@ -1,7 +1,8 @@
 """Fused Triton kernels of the bidirectional HGRU scan, forward and backward.
 
 A program owns `BLOCK_C` channels (one per thread) of one batch row and walks the tokens one at a time, the loads
-of `UNROLL` rows issued together so that their latencies overlap. The forward makes a forward sweep that writes
+of a group of rows issued together so that their latencies overlap (the group's stores come after all its
+loads: a store before a load that may alias it would make the load wait). The forward makes a forward sweep that writes
 hf, then a reverse sweep over the same rows that re-reads u, z and hf (from cache while the rows stay in L2) and
 adds hr. No flipped copies, no gates or states materialised by PyTorch, fp32 state for any input dtype. Measured
 speed and its limits: docs/PERF.md.
@@ -27,9 +28,10 @@ import torch
 import triton
 import triton.language as tl
 
-# channels per program (one per thread), warps, rows whose loads are issued together, programs per SM to aim for,
-# and the shortest chunk when a sequence is split: the fastest of a sweep on an H200 (scripts/gpu_scan_tune.py)
-BLOCK_C, WARPS, UNROLL, PROGRAMS_PER_SM, MIN_CHUNK = 128, 4, 16, 4, 64
+# channels per program (one per thread), warps, rows per group (their loads issued together; the backward holds
+# ~2x more per row, and 16 rows spill there), programs per SM to aim for, the shortest chunk when a sequence is
+# split. From a sweep on an H200 (scripts/gpu_scan_tune.py) and ptxas' register report (docs/PERF.md).
+BLOCK_C, WARPS, FWD_UNROLL, BWD_UNROLL, PROGRAMS_PER_SM, MIN_CHUNK = 128, 4, 16, 8, 4, 64
 
 
 @triton.jit
@@ -79,6 +81,12 @@ def _row_gates(u_ptr, z_ptr, cs, m, gamma):
 
 
 @triton.jit
+def _put(x, ridx, r: tl.constexpr, row):
+    """The (UNROLL, BLOCK_C) tile x with its row r replaced by `row` (an in-register select per element)."""
+    return tl.where(ridx[:, None] == r, row[None, :], x)
+
+
+@triton.jit
 def _cmul(ar, ai, br, bi):
     return ar * br - ai * bi, ar * bi + ai * br
 
@@ -124,6 +132,9 @@ def _bihgru_fwd_kernel(
     b, k = tl.program_id(1).to(tl.int64), tl.program_id(2)
     cs, cmask, gamma, cf, sf, cr_, sr_ = _channels(gamma_ptr, tf_ptr, tr_ptr, C, BLOCK_C)
     ub, zb, ob = u_ptr + b * s_ub, z_ptr + b * s_zb, out_ptr + b * s_ob
+    cl = tl.where(cmask, cs, 0)  # not provably contiguous: tiles keep one column per thread, no vectorised split
+    ridx = tl.arange(0, UNROLL)
+    tile0 = tl.zeros([UNROLL, BLOCK_C], tl.float32)
     t0 = k * chunk_len
     t1 = tl.minimum(t0 + chunk_len, N)
     if SUMMARY:
@@ -146,30 +157,39 @@ def _bihgru_fwd_kernel(
         else:
             hr_, hi_ = tl.zeros([BLOCK_C], tl.float32), tl.zeros([BLOCK_C], tl.float32)
         for g in range(t0, t1, UNROLL):
+            hr_t, hi_t = tile0, tile0
             for r in tl.static_range(UNROLL):
                 t = g + r
                 m = cmask & (t < t1)
                 lam, vr, vi = _row_gates(ub + t * s_un, zb + t * s_zn, cs, m, gamma)
                 ar, ai = lam * cf, lam * sf
                 hr_, hi_ = ar * hr_ - ai * hi_ + vr, ar * hi_ + ai * hr_ + vi
-                o = ob + t * s_on + cs
-                tl.store(o, hr_.to(out_ptr.dtype.element_ty), mask=m)
-                tl.store(o + C, hi_.to(out_ptr.dtype.element_ty), mask=m)
+                hr_t, hi_t = _put(hr_t, ridx, r, hr_), _put(hi_t, ridx, r, hi_)
+            # one store per group, after all its loads: the loads never queue behind stores that might alias them
+            rows = g + ridx
+            mt = (rows < t1)[:, None] & cmask[None, :]
+            o = ob + rows[:, None] * s_on + cl[None, :]
+            tl.store(o, hr_t.to(out_ptr.dtype.element_ty), mask=mt)
+            tl.store(o + C, hi_t.to(out_ptr.dtype.element_ty), mask=mt)
         if HAS_CARRY:
             hr_, hi_ = _fold_carries(sum_ptr + b * s_sb, s_sk, s_ss, cs, cmask, k, n_chunks, 4, False)
         else:
             hr_, hi_ = tl.zeros([BLOCK_C], tl.float32), tl.zeros([BLOCK_C], tl.float32)
         for g in range(0, t1 - t0, UNROLL):
+            hr_t, hi_t = tile0, tile0
             for r in tl.static_range(UNROLL):
                 t = t1 - 1 - g - r
                 m = cmask & (t >= t0)
                 lam, vr, vi = _row_gates(ub + t * s_un, zb + t * s_zn, cs, m, gamma)
                 ar, ai = lam * cr_, lam * sr_
                 hr_, hi_ = ar * hr_ - ai * hi_ + vr, ar * hi_ + ai * hr_ + vi
-                o = ob + t * s_on + cs
-                fr, fi = _load_complex(o, C, m)
-                tl.store(o, (fr + hr_).to(out_ptr.dtype.element_ty), mask=m)
-                tl.store(o + C, (fi + hi_).to(out_ptr.dtype.element_ty), mask=m)
+                hr_t, hi_t = _put(hr_t, ridx, r, hr_), _put(hi_t, ridx, r, hi_)
+            rows = t1 - 1 - g - ridx  # descending, as r
+            mt = (rows >= t0)[:, None] & cmask[None, :]
+            o = ob + rows[:, None] * s_on + cl[None, :]
+            fr_t, fi_t = _load_complex(o, C, mt)  # hf
+            tl.store(o, (fr_t + hr_t).to(out_ptr.dtype.element_ty), mask=mt)
+            tl.store(o + C, (fi_t + hi_t).to(out_ptr.dtype.element_ty), mask=mt)
 
 
 @triton.jit
@@ -187,6 +207,9 @@ def _bihgru_bwd_kernel(
     b, k = tl.program_id(1).to(tl.int64), tl.program_id(2)
     cs, cmask, gamma, cf, sf, cr_, sr_ = _channels(gamma_ptr, tf_ptr, tr_ptr, C, BLOCK_C)
     ub, zb, db = u_ptr + b * s_ub, z_ptr + b * s_zb, do_ptr + b * s_db
+    cl = tl.where(cmask, cs, 0)
+    ridx = tl.arange(0, UNROLL)
+    tile0 = tl.zeros([UNROLL, BLOCK_C], tl.float32)
     t0 = k * chunk_len
     t1 = tl.minimum(t0 + chunk_len, N)
     zero = tl.zeros([BLOCK_C], tl.float32)
@@ -236,6 +259,7 @@ def _bihgru_bwd_kernel(
             hr_, hi_, er, ei = zero, zero, zero, zero
         lam_prev = lam_before
         for g in range(t0, t1, UNROLL):
+            s0, s1, s2, s3 = tile0, tile0, tile0, tile0
             for r in tl.static_range(UNROLL):
                 t = g + r
                 m = cmask & (t < t1)
@@ -243,14 +267,19 @@ def _bihgru_bwd_kernel(
                 gr, gi = _load_complex(db + t * s_dn + cs, C, m)
                 dr_r, dr_i = lam_prev * cr_, -lam_prev * sr_
                 er, ei = dr_r * er - dr_i * ei + gr, dr_r * ei + dr_i * er + gi
-                x = xb + t * s_xn + cs
-                tl.store(x, hr_, mask=m)
-                tl.store(x + C, hi_, mask=m)
-                tl.store(x + 2 * C, er, mask=m)
-                tl.store(x + 3 * C, ei, mask=m)
+                s0, s1 = _put(s0, ridx, r, hr_), _put(s1, ridx, r, hi_)
+                s2, s3 = _put(s2, ridx, r, er), _put(s3, ridx, r, ei)
                 ar, ai = lam * cf, lam * sf
                 hr_, hi_ = ar * hr_ - ai * hi_ + vr, ar * hi_ + ai * hr_ + vi
                 lam_prev = lam
+            # stores once per group, after its loads (as in the forward)
+            rows = g + ridx
+            mt = (rows < t1)[:, None] & cmask[None, :]
+            x = xb + rows[:, None] * s_xn + cl[None, :]
+            tl.store(x, s0, mask=mt)
+            tl.store(x + C, s1, mask=mt)
+            tl.store(x + 2 * C, s2, mask=mt)
+            tl.store(x + 3 * C, s3, mask=mt)
         # reverse sweep: hr_{t+1} and df_t, then the gradients of row t
         if HAS_CARRY:
             hr_, hi_ = _fold_carries(sp, s_sk, s_ss, cs, cmask, k, n_chunks, 4, False)
@@ -260,6 +289,7 @@ def _bihgru_bwd_kernel(
         lam_next = lam_after
         dgam, dthf, dthr = zero, zero, zero
         for g in range(0, t1 - t0, UNROLL):
+            dz_t, dur_t, dui_t = tile0, tile0, tile0
             for r in tl.static_range(UNROLL):
                 t = t1 - 1 - g - r
                 m = cmask & (t >= t0)
@@ -285,13 +315,9 @@ def _bihgru_bwd_kernel(
                 qrr, qri = er * hnr + ei * hni, ei * hnr - er * hni
                 dlam = tl.where(m, qfr + qrr - (dvr * cre + dvi * cim), 0.)
                 w = 1. - lam
-                dur = w * dvr * sur * (1. + ur * (1. - sur))
-                dui = w * dvi * sui * (1. + ui * (1. - sui))
-                tl.store(dz_ptr + b * s_hb + t * s_hn + cs,
-                         (dlam * (1. - gamma) * sig * (1. - sig)).to(dz_ptr.dtype.element_ty), mask=m)
-                dub = du_ptr + b * s_gb + t * s_gn + 2 * cs
-                tl.store(dub, dur.to(du_ptr.dtype.element_ty), mask=m)
-                tl.store(dub + 1, dui.to(du_ptr.dtype.element_ty), mask=m)
+                dz_t = _put(dz_t, ridx, r, dlam * (1. - gamma) * sig * (1. - sig))
+                dur_t = _put(dur_t, ridx, r, w * dvr * sur * (1. + ur * (1. - sur)))
+                dui_t = _put(dui_t, ridx, r, w * dvi * sui * (1. + ui * (1. - sui)))
                 dgam += dlam * (1. - sig)
                 dthf += tl.where(m, lam * qfi, 0.)
                 dthr += tl.where(m, lam * qri, 0.)
@@ -299,6 +325,12 @@ def _bihgru_bwd_kernel(
                 ar, ai = lam * cr_, lam * sr_
                 hr_, hi_ = ar * hr_ - ai * hi_ + vr, ar * hi_ + ai * hr_ + vi
                 lam_next = lam
+            rows = t1 - 1 - g - ridx  # descending, as r
+            mt = (rows >= t0)[:, None] & cmask[None, :]
+            tl.store(dz_ptr + b * s_hb + rows[:, None] * s_hn + cl[None, :], dz_t.to(dz_ptr.dtype.element_ty), mask=mt)
+            dub = du_ptr + b * s_gb + rows[:, None] * s_gn + 2 * cl[None, :]
+            tl.store(dub, dur_t.to(du_ptr.dtype.element_ty), mask=mt)
+            tl.store(dub + 1, dui_t.to(du_ptr.dtype.element_ty), mask=mt)
         pp = part_ptr + b * s_pb + k * s_pk + cs
         tl.store(pp, dgam, mask=cmask)
         tl.store(pp + s_ps, dthf, mask=cmask)
@@ -313,7 +345,8 @@ def _chunks(B: int, N: int, C: int, device: torch.device) -> Tuple[int, int, int
     """Channel blocks, chunks and chunk length: split the sequence only when B x C alone cannot fill the GPU."""
     n_cblocks = triton.cdiv(C, BLOCK_C)
     n_chunks = min(triton.cdiv(PROGRAMS_PER_SM * _num_sms(device), B * n_cblocks), triton.cdiv(N, MIN_CHUNK))
-    chunk_len = triton.cdiv(triton.cdiv(N, max(n_chunks, 1)), UNROLL) * UNROLL
+    unroll = max(FWD_UNROLL, BWD_UNROLL)  # whole groups per chunk
+    chunk_len = triton.cdiv(triton.cdiv(N, max(n_chunks, 1)), unroll) * unroll
     return n_cblocks, triton.cdiv(N, chunk_len), chunk_len
 
 
@@ -327,7 +360,7 @@ def bihgru_fwd(u, z, gamma, theta_f, theta_r) -> torch.Tensor:
     grid = (n_cblocks, B, n_chunks)
     args = (u, z, gamma, theta_f, theta_r, out, summ, N, C, n_chunks, chunk_len, u.stride(0), u.stride(1),
             z.stride(0), z.stride(1), out.stride(0), out.stride(1), *_sum_strides(summ, n_chunks))
-    meta = dict(BLOCK_C=BLOCK_C, UNROLL=UNROLL, num_warps=WARPS)
+    meta = dict(BLOCK_C=BLOCK_C, UNROLL=FWD_UNROLL, num_warps=WARPS)
     if n_chunks > 1:
         _bihgru_fwd_kernel[grid](*args, SUMMARY=True, HAS_CARRY=False, **meta)
     _bihgru_fwd_kernel[grid](*args, SUMMARY=False, HAS_CARRY=n_chunks > 1, **meta)
@@ -349,7 +382,7 @@ def bihgru_bwd(dout, u, z, gamma, theta_f, theta_r):
             u.stride(0), u.stride(1), z.stride(0), z.stride(1), dout.stride(0), dout.stride(1),
             du.stride(0), du.stride(1), dz.stride(0), dz.stride(1), *_sum_strides(summ, n_chunks),
             *part.stride()[:3], scratch.stride(0), scratch.stride(1))
-    meta = dict(BLOCK_C=BLOCK_C, UNROLL=UNROLL, num_warps=WARPS)
+    meta = dict(BLOCK_C=BLOCK_C, UNROLL=BWD_UNROLL, num_warps=WARPS)
     if n_chunks > 1:
         _bihgru_bwd_kernel[grid](*args, SUMMARY=True, HAS_CARRY=False, **meta)
     _bihgru_bwd_kernel[grid](*args, SUMMARY=False, HAS_CARRY=n_chunks > 1, **meta)
