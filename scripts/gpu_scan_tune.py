@@ -11,24 +11,16 @@ import triton
 import triton.testing
 
 import hgrn_vision.ops.bihgru.fused as fz
+from hgrn_vision.benchmark import make_scan_inputs, measure_copy_bandwidth, rel_err
 from hgrn_vision.ops import bihgru_scan
 
 SHAPES = [(256, 256, 192), (256, 256, 384), (64, 1024, 384), (16, 5329, 384), (1, 256, 192)]
 
 
 def inputs(B, N, C, dtype, seed=0):
-    g = torch.Generator(device='cuda').manual_seed(seed)
-    u = torch.randn(B, N, 2 * C, device='cuda', generator=g).mul_(2).to(dtype)
-    z = torch.randn(B, N, C, device='cuda', generator=g).mul_(3).to(dtype)
-    gamma = torch.rand(C, device='cuda', generator=g) * 0.9
-    tf = torch.randn(C, device='cuda', generator=g) * 3
-    tr = torch.randn(C, device='cuda', generator=g)
-    return [u, z, gamma, tf, tr]
-
-
-def rel(a, b):
-    a, b = a.double(), b.double()
-    return ((a - b).norm() / b.norm()).item()
+    """The benchmark's scan inputs on the GPU, u and z in `dtype`."""
+    x = make_scan_inputs(B, N, C, torch.device('cuda'), seed=seed)
+    return [t.to(dtype) for t in x[:2]] + x[2:]
 
 
 def check():
@@ -45,7 +37,7 @@ def check():
         for impl in ('triton',):
             out = bihgru_scan(*x, impl=impl)
             gs = torch.autograd.grad(out, x, do.to(dtype))
-            errs = [rel(out, ref)] + [rel(a, b) for a, b in zip(gs, gref)]
+            errs = [rel_err(out, ref)] + [rel_err(a, b) for a, b in zip(gs, gref)]
             print(f'{str((B, N, C)):>20} {str(dtype)[6:]:>9} {impl:>10} ' + ' '.join(f'{e:9.2e}' for e in errs))
         del x, xr, ref, gref
         torch.cuda.empty_cache()
@@ -53,13 +45,6 @@ def check():
 
 def bench(fn, rep=200):
     return triton.testing.do_bench(fn, warmup=25, rep=rep, return_mode='median')
-
-
-def copy_bw():
-    x = torch.empty(2 ** 30 // 2, dtype=torch.bfloat16, device='cuda').normal_()
-    y = torch.empty_like(x)
-    ms = bench(lambda: y.copy_(x))
-    return 2 * x.numel() * 2 / ms / 1e6  # GB/s
 
 
 def _time_cfgs(label, shapes, cfgs, run, floor_elems, unroll_name):
@@ -118,4 +103,4 @@ if __name__ == '__main__':
     if 'compile' in what:
         compile_model()
     if 'tune' in what:
-        tune(copy_bw())
+        tune(measure_copy_bandwidth(torch.device('cuda'))['copy_gbps'])

@@ -1,4 +1,4 @@
 """Benchmarks behind `benchmark.py`: whole models side by side (`models`) and the scan kernels (`scan`)."""
 from .models import SCAN_BWD_OPS, SCAN_FWD_OPS, batch_for, benchmark_models, count_flops, create_benchmark_model
-from .scan import BWD_ELEMS, FWD_ELEMS, SCAN_SHAPES, benchmark_scan, check_scan, make_scan_inputs
+from .scan import BWD_ELEMS, FWD_ELEMS, SCAN_SHAPES, benchmark_scan, check_scan, make_scan_inputs, rel_err
 from .utils import format_table, measure_copy_bandwidth, measure_matmul_peak, parse_dtype, time_fn

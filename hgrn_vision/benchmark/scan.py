@@ -35,7 +35,7 @@ from .utils import (
     write_json,
 )
 
-__all__ = ['SCAN_SHAPES', 'FWD_ELEMS', 'BWD_ELEMS', 'make_scan_inputs', 'benchmark_scan', 'check_scan']
+__all__ = ['SCAN_SHAPES', 'FWD_ELEMS', 'BWD_ELEMS', 'make_scan_inputs', 'rel_err', 'benchmark_scan', 'check_scan']
 
 SCAN_SHAPES: Tuple[Tuple[int, int, int], ...] = (
     (256, 256, 192), (256, 256, 384), (64, 1024, 384), (16, 5329, 384), (1, 256, 192))
@@ -144,7 +144,8 @@ def _error(e: Exception) -> str:
     return f'error: {type(e).__name__}: {first}'
 
 
-def _rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    """||a - b|| / ||b||, in float64."""
     a, b = a.double(), b.double()
     return ((a - b).norm() / b.norm().clamp_min(1e-300)).item()
 
@@ -161,9 +162,9 @@ def check_scan(
     the five gradients (the output's error stays when the backward fails)."""
     x = _cast(inputs, dtype, requires_grad=True)
     out = bihgru_scan(*x, impl=impl)
-    row['out'] = _rel_err(out, ref[0])
+    row['out'] = rel_err(out, ref[0])
     grads = torch.autograd.grad(out, x, dout.to(out.dtype))
-    row.update({n: _rel_err(a, b) for n, a, b in zip(_GRAD_NAMES, grads, ref[1:])})
+    row.update({n: rel_err(a, b) for n, a, b in zip(_GRAD_NAMES, grads, ref[1:])})
 
 
 def benchmark_scan(
