@@ -2,8 +2,12 @@
 
 Run on the lent GPU: `PYTHONPATH=. python scripts/gpu_scan_tune.py`. Prints tables; nothing is timed in tests.
 """
+import importlib.util
+import inspect
 import itertools
+import os
 import sys
+import tempfile
 import time
 
 import torch
@@ -23,10 +27,27 @@ def inputs(B, N, C, dtype, seed=0):
     return [t.to(dtype) for t in x[:2]] + x[2:]
 
 
-def check():
-    print('== correctness vs float64 (torch path in float64, same rounded inputs) ==')
+def poison():
+    """Fill the allocator's free memory with NaN, so that an element a kernel fails to write (or reads before it
+    is written) shows up as NaN instead of matching leftover values."""
+    free = torch.cuda.mem_get_info()[0]
+    torch.empty(int(free * 0.8) // 4, device='cuda').fill_(float('nan'))
+
+
+def worst(a, b):
+    """Where |a - b| is largest: (index, a, b) and the count of elements off by more than 1e-2 of max |b|."""
+    d = (a.double() - b).abs()
+    i = int(d.argmax())
+    idx = tuple(int(j) for j in torch.unravel_index(torch.tensor(i), d.shape))
+    bad = int((d > 1e-2 * b.abs().max()).sum())
+    return f'worst at {idx}: {a.flatten()[i].item():.4g} vs {b.flatten()[i].item():.4g}, {bad} elements off'
+
+
+def check(shapes=SHAPES, repeat_first=True):
+    print('== correctness vs float64 (torch path in float64, same rounded inputs; free memory NaN-poisoned) ==')
     print(f'{"shape":>20} {"dtype":>9} {"impl":>10} {"out":>9} {"du":>9} {"dz":>9} {"dgamma":>9} {"dtf":>9} {"dtr":>9}')
-    for (B, N, C), dtype in itertools.product(SHAPES, (torch.float32, torch.bfloat16)):
+    cases = list(itertools.product(shapes, (torch.float32, torch.bfloat16)))
+    for (B, N, C), dtype in cases + cases[:1] * repeat_first:
         if B * N * C > 16 * 5329 * 384:
             B = max(1, (16 * 5329 * 384) // (N * C))
         x = [t.requires_grad_() for t in inputs(B, N, C, dtype)]
@@ -35,11 +56,66 @@ def check():
         do = torch.randn_like(ref)
         gref = torch.autograd.grad(ref, xr, do)
         for impl in ('triton',):
+            poison()
             out = bihgru_scan(*x, impl=impl)
             gs = torch.autograd.grad(out, x, do.to(dtype))
             errs = [rel_err(out, ref)] + [rel_err(a, b) for a, b in zip(gs, gref)]
             print(f'{str((B, N, C)):>20} {str(dtype)[6:]:>9} {impl:>10} ' + ' '.join(f'{e:9.2e}' for e in errs))
+            for name, a, b, e in zip(('out', 'du', 'dz', 'dgamma', 'dtf', 'dtr'), [out, *gs], [ref, *gref], errs):
+                if not e < 1e-2:
+                    print(f'    {name}: {worst(a, b)}')
         del x, xr, ref, gref
+        torch.cuda.empty_cache()
+
+
+def _without_barriers():
+    """fused.py's kernels with every `tl.debug_barrier()` removed (the op registration left out), to show that the
+    barriers are needed: imported from a temporary copy of the source."""
+    src = inspect.getsource(fz).replace('tl.debug_barrier()', 'pass')
+    src = src[:src.index('# ---- the op')]
+    path = os.path.join(tempfile.mkdtemp(), 'fused_nobarrier.py')
+    with open(path, 'w') as f:
+        f.write(src)
+    spec = importlib.util.spec_from_file_location('fused_nobarrier', path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def stress(reps=8):
+    """Forward then backward `reps` times on fresh, NaN-poisoned memory: how many runs give a wrong du / dz / dgamma
+    (rel. error > 1e-2 or NaN against float64): through autograd (the op as models call it), and the kernels called
+    directly, with and without their barriers."""
+    print(f'== forward + backward {reps} times on poisoned memory: runs with a wrong du / dz / dgamma ==')
+    nobar = _without_barriers()
+
+    def autograd(x, do):
+        x = [t.detach().requires_grad_() for t in x]
+        return torch.autograd.grad(bihgru_scan(*x, impl='triton'), x, do)
+
+    def direct(mod):
+        return lambda x, do: (mod.bihgru_fwd(*x), mod.bihgru_bwd(do, *x))[1]
+
+    variants = [('autograd', autograd), ('direct', direct(fz)), ('direct, no barrier', direct(nobar))]
+    for (B, N, C), dtype in itertools.product(SHAPES[:3], (torch.float32, torch.bfloat16)):
+        x = inputs(B, N, C, dtype)
+        xr = [t.detach().double().requires_grad_() for t in x]
+        ref = bihgru_scan(*xr, impl='torch')
+        do = torch.randn_like(ref)
+        gref = torch.autograd.grad(ref, xr, do)[:3]
+        do = do.to(dtype)
+        del xr, ref
+        line = f'{str((B, N, C)):>18} {str(dtype)[6:]:>9}'
+        for name, run in variants:
+            bad = 0
+            for _ in range(reps):
+                poison()
+                gs = run(x, do)[:3]
+                bad += not all(rel_err(a, b) < 1e-2 for a, b in zip(gs, gref))
+                del gs
+            line += f'   {name}: {bad}/{reps}'
+        print(line)
+        del x, do, gref
         torch.cuda.empty_cache()
 
 
@@ -53,30 +129,32 @@ def _time_cfgs(label, shapes, cfgs, run, floor_elems, unroll_name):
         do = torch.randn(shape[0], shape[1], 2 * shape[2], device='cuda', dtype=torch.bfloat16)
         floor = floor_elems * shape[0] * shape[1] * shape[2] * 2
         for cfg in cfgs:
-            fz.BLOCK_C, fz.WARPS = cfg[:2]
+            fz.BLOCK_C, fz.WARPS, fz.PROGRAMS_PER_SM = cfg[0], cfg[1], cfg[3]
             setattr(fz, unroll_name, cfg[2])
             try:
                 ms = bench(lambda: run(x, do), rep=100)
             except Exception as e:  # noqa: BLE001  (a config that does not compile is reported, not fatal)
                 print(label, shape, cfg, 'failed', type(e).__name__, str(e)[:200])
                 continue
-            print(f'{label} {str(shape):>18} BC={cfg[0]:<4} w={cfg[1]} U={cfg[2]:<3} {ms * 1e3:9.1f} us '
-                  f'{floor / ms / 1e6:8.0f} GB/s {100 * floor / ms / 1e6 / BW[0]:5.1f}%')
+            print(f'{label} {str(shape):>18} BC={cfg[0]:<4} w={cfg[1]} U={cfg[2]:<3} P/SM={cfg[3]:<3} '
+                  f'{ms * 1e3:9.1f} us {floor / ms / 1e6:8.0f} GB/s {100 * floor / ms / 1e6 / BW[0]:5.1f}%')
             sys.stdout.flush()
 
 
 BW = [1.]
-CFGS = [(128, 4, 16), (128, 4, 8), (64, 2, 16), (64, 2, 8)]
+# (BLOCK_C, WARPS, rows per group, PROGRAMS_PER_SM)
+CFGS = [(64, 2, 4, 8), (64, 2, 2, 8), (64, 2, 4, 16), (32, 1, 4, 16), (32, 1, 2, 16), (128, 4, 4, 8)]
 
 
 def tune(bw):
     BW[0] = bw
     print(f'== copy bandwidth {bw:.0f} GB/s; forward GB/s over 5 elements, backward over 8 ==')
     shapes = [(256, 256, 384), (16, 5329, 384), (1, 256, 192)]
-    defaults = fz.BLOCK_C, fz.WARPS, fz.FWD_UNROLL, fz.BWD_UNROLL
-    _time_cfgs('fwd', shapes, CFGS, lambda x, do: fz.bihgru_fwd(*x), 5, 'FWD_UNROLL')
-    _time_cfgs('bwd', shapes, CFGS, lambda x, do: fz.bihgru_bwd(do, *x), 8, 'BWD_UNROLL')
-    fz.BLOCK_C, fz.WARPS, fz.FWD_UNROLL, fz.BWD_UNROLL = defaults
+    defaults = fz.BLOCK_C, fz.WARPS, fz.FWD_UNROLL, fz.BWD_UNROLL, fz.PROGRAMS_PER_SM
+    for shape in shapes:
+        _time_cfgs('fwd', [shape], CFGS, lambda x, do: fz.bihgru_fwd(*x), 5, 'FWD_UNROLL')
+        _time_cfgs('bwd', [shape], CFGS, lambda x, do: fz.bihgru_bwd(do, *x), 8, 'BWD_UNROLL')
+    fz.BLOCK_C, fz.WARPS, fz.FWD_UNROLL, fz.BWD_UNROLL, fz.PROGRAMS_PER_SM = defaults
 
 
 def compile_model():
@@ -98,6 +176,8 @@ def compile_model():
 if __name__ == '__main__':
     print(torch.cuda.get_device_name(), 'torch', torch.__version__, 'triton', triton.__version__)
     what = sys.argv[1:] or ['check', 'tune', 'compile']
+    if 'stress' in what:
+        stress()
     if 'check' in what:
         check()
     if 'compile' in what:

@@ -7,7 +7,8 @@
 #
 # Runs from the project tree (PYTHONPATH=.), needs no network and installs nothing. Environment overrides:
 #   PYTHON (python), OUT_DIR (output/gpu_check), EPOCHS (the config's), EXTRA_ARGS (more train.py flags),
-#   MAX_GPUS (2; 1 skips the torchrun run), NGPU (the GPUs torch sees; set it to try the script on a CPU).
+#   MAX_GPUS (2; 1 skips the torchrun run), NGPU (the GPUs torch sees; set it to try the script on a CPU),
+#   ORDER (1gpu-first; 2gpu-first runs the torchrun run before the single-GPU one).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 DATA=${1:-data}
@@ -76,12 +77,21 @@ PY
     SUMMARY+=("$name: $line")
 }
 
+run_2gpu() {
+    if [ "$NGPU" -ge 2 ] && [ "$MAX_GPUS" -ge 2 ]; then
+        run 2gpu 2
+    else
+        echo "=== only $NGPU GPU(s) visible (or MAX_GPUS < 2): torchrun --nproc_per_node=2 run skipped"
+    fi
+}
+
 mkdir -p "$OUT"
-run 1gpu 1
-if [ "$NGPU" -ge 2 ] && [ "$MAX_GPUS" -ge 2 ]; then
-    run 2gpu 2
+if [ "${ORDER:-1gpu-first}" = 2gpu-first ]; then
+    run_2gpu
+    run 1gpu 1
 else
-    echo "=== only $NGPU GPU(s) visible: torchrun --nproc_per_node=2 run skipped"
+    run 1gpu 1
+    run_2gpu
 fi
 echo
 echo "===== summary (recipe $CFG, data $DATA)"

@@ -28,10 +28,10 @@ import torch
 import triton
 import triton.language as tl
 
-# channels per program (one per thread), warps, rows per group (their loads issued together; the backward holds
-# ~2x more per row, and 16 rows spill there), programs per SM to aim for, the shortest chunk when a sequence is
-# split. From a sweep on an H200 (scripts/gpu_scan_tune.py) and ptxas' register report (docs/PERF.md).
-BLOCK_C, WARPS, FWD_UNROLL, BWD_UNROLL, PROGRAMS_PER_SM, MIN_CHUNK = 128, 4, 16, 8, 4, 64
+# channels per program (one per thread), warps, rows per group (their loads issued together), programs per SM to
+# aim for, the shortest chunk when a sequence is split. From sweeps on an H100 (scripts/gpu_scan_tune.py tune,
+# docs/PERF.md): the kernels are latency-bound, so small programs and few registers (more resident warps) win.
+BLOCK_C, WARPS, FWD_UNROLL, BWD_UNROLL, PROGRAMS_PER_SM, MIN_CHUNK = 64, 2, 4, 4, 8, 64
 
 
 @triton.jit
@@ -171,6 +171,7 @@ def _bihgru_fwd_kernel(
             o = ob + rows[:, None] * s_on + cl[None, :]
             tl.store(o, hr_t.to(out_ptr.dtype.element_ty), mask=mt)
             tl.store(o + C, hi_t.to(out_ptr.dtype.element_ty), mask=mt)
+        tl.debug_barrier()  # the reverse sweep re-reads hf just written: order those stores before its loads
         if HAS_CARRY:
             hr_, hi_ = _fold_carries(sum_ptr + b * s_sb, s_sk, s_ss, cs, cmask, k, n_chunks, 4, False)
         else:
@@ -280,6 +281,7 @@ def _bihgru_bwd_kernel(
             tl.store(x + C, s1, mask=mt)
             tl.store(x + 2 * C, s2, mask=mt)
             tl.store(x + 3 * C, s3, mask=mt)
+        tl.debug_barrier()  # the reverse sweep reads the stash just written: order those stores before its loads
         # reverse sweep: hr_{t+1} and df_t, then the gradients of row t
         if HAS_CARRY:
             hr_, hi_ = _fold_carries(sp, s_sk, s_ss, cs, cmask, k, n_chunks, 4, False)
@@ -342,9 +344,12 @@ def _num_sms(device: torch.device) -> int:
 
 
 def _chunks(B: int, N: int, C: int, device: torch.device) -> Tuple[int, int, int]:
-    """Channel blocks, chunks and chunk length: split the sequence only when B x C alone cannot fill the GPU."""
+    """Channel blocks, chunks and chunk length: split the sequence only when B x C alone cannot fill the GPU
+    (PROGRAMS_PER_SM programs per SM), and then into enough chunks for twice that: the split costs a summary pass
+    either way, and more, shorter chains hide more latency (measured: docs/PERF.md)."""
     n_cblocks = triton.cdiv(C, BLOCK_C)
-    n_chunks = min(triton.cdiv(PROGRAMS_PER_SM * _num_sms(device), B * n_cblocks), triton.cdiv(N, MIN_CHUNK))
+    target = PROGRAMS_PER_SM * _num_sms(device)
+    n_chunks = 1 if B * n_cblocks >= target else min(triton.cdiv(2 * target, B * n_cblocks), triton.cdiv(N, MIN_CHUNK))
     unroll = max(FWD_UNROLL, BWD_UNROLL)  # whole groups per chunk
     chunk_len = triton.cdiv(triton.cdiv(N, max(n_chunks, 1)), unroll) * unroll
     return n_cblocks, triton.cdiv(N, chunk_len), chunk_len
