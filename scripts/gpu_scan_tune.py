@@ -1,6 +1,8 @@
-"""GPU session script for the fused scan: correctness at the benchmark shapes, then block-size tuning.
+"""GPU session script for the fused scan: repeated runs on poisoned memory, correctness at the benchmark shapes,
+torch.compile of a model, block-size tuning.
 
-Run on the lent GPU: `PYTHONPATH=. python scripts/gpu_scan_tune.py`. Prints tables; nothing is timed in tests.
+Run on the lent GPU: `PYTHONPATH=. python scripts/gpu_scan_tune.py [stress] [check] [compile] [tune]` (default: all
+four). Prints tables; nothing is timed in tests.
 """
 import importlib.util
 import inspect
@@ -175,7 +177,7 @@ def compile_model():
 
 if __name__ == '__main__':
     print(torch.cuda.get_device_name(), 'torch', torch.__version__, 'triton', triton.__version__)
-    what = sys.argv[1:] or ['check', 'tune', 'compile']
+    what = sys.argv[1:] or ['stress', 'check', 'compile', 'tune']
     if 'stress' in what:
         stress()
     if 'check' in what:
