@@ -2,7 +2,8 @@
 torch.compile of a model, block-size tuning.
 
 Run on the lent GPU: `PYTHONPATH=. python scripts/gpu_scan_tune.py [stress] [check] [compile] [tune]` (default: all
-four). Prints tables; nothing is timed in tests.
+four), or `... compare OTHER_FUSED.py` (the backward against another version of fused.py, e.g. `git show
+REV:hgrn_vision/ops/bihgru/fused.py > /tmp/f.py`). Prints tables; nothing is timed in tests.
 """
 import importlib.util
 import inspect
@@ -70,18 +71,46 @@ def check(shapes=SHAPES, repeat_first=True):
         torch.cuda.empty_cache()
 
 
-def _without_barriers():
-    """fused.py's kernels with every `tl.debug_barrier()` removed (the op registration left out), to show that the
-    barriers are needed: imported from a temporary copy of the source."""
-    src = inspect.getsource(fz).replace('tl.debug_barrier()', 'pass')
+def _load_kernels(src, name):
+    """A module of fused.py's kernels from source text `src` (the op registration left out), through a temporary
+    file (Triton reads the source of the functions it compiles)."""
     src = src[:src.index('# ---- the op')]
-    path = os.path.join(tempfile.mkdtemp(), 'fused_nobarrier.py')
+    path = os.path.join(tempfile.mkdtemp(), f'{name}.py')
     with open(path, 'w') as f:
         f.write(src)
-    spec = importlib.util.spec_from_file_location('fused_nobarrier', path)
+    spec = importlib.util.spec_from_file_location(name, path)
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     return mod
+
+
+def _without_barriers():
+    """fused.py's kernels with every `tl.debug_barrier()` removed, to show that the barriers are needed."""
+    return _load_kernels(inspect.getsource(fz).replace('tl.debug_barrier()', 'pass'), 'fused_nobarrier')
+
+
+def compare(path, shapes=((256, 256, 384), (64, 1024, 384), (16, 5329, 384), (256, 256, 192), (1, 256, 192))):
+    """Backward of the current kernels against those of another fused.py (e.g. an earlier commit's), side by side in
+    one run, bf16 and fp32, with the current one's error against float64."""
+    with open(path) as f:
+        other = _load_kernels(f.read(), 'fused_other')
+    bw = measure_copy_bandwidth(torch.device('cuda'))['copy_gbps']
+    print(f'== backward: current vs {path}; copy bandwidth {bw:.0f} GB/s, GB/s over 8 elements ==')
+    for shape, dtype in itertools.product(shapes, (torch.bfloat16, torch.float32)):
+        x = inputs(*shape, dtype)
+        do = torch.randn(shape[0], shape[1], 2 * shape[2], device='cuda', dtype=dtype)
+        floor = 8 * shape[0] * shape[1] * shape[2] * x[0].element_size()
+        ms = [bench(lambda m=m, x=x, do=do: m.bihgru_bwd(do, *x), rep=100) for m in (fz, other)]
+        xr = [t.detach().double().requires_grad_() for t in x]
+        gref = torch.autograd.grad(bihgru_scan(*xr, impl='torch'), xr, do.double())
+        err = max(rel_err(a, b) for a, b in zip(fz.bihgru_bwd(do, *x), gref))
+        pct = [100 * floor / t / 1e6 / bw for t in ms]
+        print(f'{str(shape):>18} {str(dtype)[6:]:>9}  current {ms[0] * 1e3:8.1f} us {pct[0]:5.1f}%'
+              f'   other {ms[1] * 1e3:8.1f} us {pct[1]:5.1f}%   speed-up {ms[1] / ms[0]:5.2f}x'
+              f'   current max rel. err {err:.1e}')
+        sys.stdout.flush()
+        del x, do, xr, gref
+        torch.cuda.empty_cache()
 
 
 def stress(reps=8):
@@ -132,7 +161,8 @@ def _time_cfgs(label, shapes, cfgs, run, floor_elems, unroll_name):
         floor = floor_elems * shape[0] * shape[1] * shape[2] * 2
         for cfg in cfgs:
             fz.BLOCK_C, fz.WARPS, fz.PROGRAMS_PER_SM = cfg[0], cfg[1], cfg[3]
-            setattr(fz, unroll_name, cfg[2])
+            if unroll_name:
+                setattr(fz, unroll_name, cfg[2])
             try:
                 ms = bench(lambda: run(x, do), rep=100)
             except Exception as e:  # noqa: BLE001  (a config that does not compile is reported, not fatal)
@@ -152,11 +182,11 @@ def tune(bw):
     BW[0] = bw
     print(f'== copy bandwidth {bw:.0f} GB/s; forward GB/s over 5 elements, backward over 8 ==')
     shapes = [(256, 256, 384), (16, 5329, 384), (1, 256, 192)]
-    defaults = fz.BLOCK_C, fz.WARPS, fz.FWD_UNROLL, fz.BWD_UNROLL, fz.PROGRAMS_PER_SM
+    defaults = fz.BLOCK_C, fz.WARPS, fz.FWD_UNROLL, fz.PROGRAMS_PER_SM
     for shape in shapes:
         _time_cfgs('fwd', [shape], CFGS, lambda x, do: fz.bihgru_fwd(*x), 5, 'FWD_UNROLL')
-        _time_cfgs('bwd', [shape], CFGS, lambda x, do: fz.bihgru_bwd(do, *x), 8, 'BWD_UNROLL')
-    fz.BLOCK_C, fz.WARPS, fz.FWD_UNROLL, fz.BWD_UNROLL, fz.PROGRAMS_PER_SM = defaults
+        _time_cfgs('bwd', [shape], CFGS, lambda x, do: fz.bihgru_bwd(do, *x), 8, None)
+    fz.BLOCK_C, fz.WARPS, fz.FWD_UNROLL, fz.PROGRAMS_PER_SM = defaults
 
 
 def compile_model():
@@ -178,6 +208,9 @@ def compile_model():
 if __name__ == '__main__':
     print(torch.cuda.get_device_name(), 'torch', torch.__version__, 'triton', triton.__version__)
     what = sys.argv[1:] or ['stress', 'check', 'compile', 'tune']
+    if what[0] == 'compare':
+        compare(what[1])
+        sys.exit()
     if 'stress' in what:
         stress()
     if 'check' in what:

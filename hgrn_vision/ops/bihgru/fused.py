@@ -16,11 +16,14 @@ Backward recomputes the states instead of saving them. With `G = dL/dRe + i dL/d
     df_t = g_t + conj(af_{t+1}) df_{t+1}          (adjoint of the forward state, a reverse recurrence)
     dr_t = g_t + conj(ar_{t-1}) dr_{t-1}          (adjoint of the reverse state, a forward recurrence)
     dv_t = df_t + dr_t,   d af_t = df_t conj(hf_{t-1}),   d ar_t = dr_t conj(hr_{t+1})
-Each gradient pairs a forward-order quantity with a reverse-order one, so a forward sweep stashes (hf_{t-1}, dr_t)
-in a fp32 scratch (16 bytes per (B, N, C) element, freed after the call) and a reverse sweep reads them back
-beside hr_{t+1} and df_t. Nothing divides by a
-gate. Per-channel gradients (gamma, theta_f, theta_r) are fp32 partials per program, reduced once afterwards.
+Each gradient pairs a forward-order quantity with a reverse-order one. A forward sweep runs hf and dr and stashes
+only what enters each group of 4 rows (hf, dr, lam: 5 fp32 per group and channel, 5 bytes per (B, N, C) element,
+freed after the call); the reverse sweep, a group at a time, re-loads the group's rows (which it needs anyway),
+recomputes hf_{t-1} and dr_t inside the group in registers and walks the rows backwards beside hr_{t+1} and df_t.
+Nothing divides by a gate. Per-channel gradients (gamma, theta_f, theta_r) are fp32 partials per program, reduced
+once afterwards.
 """
+import math
 import os
 from typing import Tuple
 
@@ -31,7 +34,9 @@ import triton.language as tl
 # channels per program (one per thread), warps, rows per group (their loads issued together), programs per SM to
 # aim for, the shortest chunk when a sequence is split. From sweeps on an H100 (scripts/gpu_scan_tune.py tune,
 # docs/PERF.md): the kernels are latency-bound, so small programs and few registers (more resident warps) win.
-BLOCK_C, WARPS, FWD_UNROLL, BWD_UNROLL, PROGRAMS_PER_SM, MIN_CHUNK = 64, 2, 4, 4, 8, 64
+BLOCK_C, WARPS, FWD_UNROLL, PROGRAMS_PER_SM, MIN_CHUNK = 64, 2, 4, 8, 64
+# rows per group of the backward: fixed, its reverse sweep is written out for 4 rows held as separate values
+BWD_GROUP = 4
 
 
 @triton.jit
@@ -200,8 +205,9 @@ def _bihgru_bwd_kernel(
         s_ub, s_un, s_zb, s_zn, s_db, s_dn, s_gb, s_gn, s_hb, s_hn, s_sb, s_sk, s_ss, s_pb, s_pk, s_ps, s_xb, s_xn,
         BLOCK_C: tl.constexpr, UNROLL: tl.constexpr, SUMMARY: tl.constexpr, HAS_CARRY: tl.constexpr,
 ):
-    """Backward, token by token. A forward sweep runs hf and the reverse adjoint dr and stashes (hf_{t-1}, dr_t)
-    per row in a fp32 scratch; a reverse sweep runs hr and the forward adjoint df and forms the gradients.
+    """Backward, token by token. A forward sweep runs hf and the reverse adjoint dr and stashes their values entering
+    each group of 4 rows; a reverse sweep recomputes them inside each group and runs hr and the forward adjoint df
+    to form the gradients.
 
     SUMMARY: write the chunk's maps of the four recurrences (hf, hr, df, dr) instead.
     """
@@ -250,39 +256,26 @@ def _bihgru_bwd_kernel(
         _store_map(p, s_ss, 8, cmask, Pfr, Pfi, Qfr, Qfi)
         _store_map(p, s_ss, 12, cmask, Prr, Pri, Qrr, Qri)
     else:
+        tl.static_assert(UNROLL == 4, 'the reverse sweep below is written out for groups of 4 rows (BWD_GROUP)')
         sp = sum_ptr + b * s_sb
-        xb = scr_ptr + b * s_xb
-        # forward sweep: hf_{t-1} and dr_t, stashed
+        # forward sweep: hf and dr over the chunk; each group's entering (hf, dr, lam) stashed, 5 floats per group
         if HAS_CARRY:
             hr_, hi_ = _fold_carries(sp, s_sk, s_ss, cs, cmask, k, n_chunks, 0, True)
             er, ei = _fold_carries(sp, s_sk, s_ss, cs, cmask, k, n_chunks, 12, True)
         else:
             hr_, hi_, er, ei = zero, zero, zero, zero
         lam_prev = lam_before
-        for g in range(t0, t1, UNROLL):
-            s0, s1, s2, s3 = tile0, tile0, tile0, tile0
-            for r in tl.static_range(UNROLL):
-                t = g + r
-                m = cmask & (t < t1)
-                lam, vr, vi = _row_gates(ub + t * s_un, zb + t * s_zn, cs, m, gamma)
-                gr, gi = _load_complex(db + t * s_dn + cs, C, m)
-                dr_r, dr_i = lam_prev * cr_, -lam_prev * sr_
-                er, ei = dr_r * er - dr_i * ei + gr, dr_r * ei + dr_i * er + gi
-                s0, s1 = _put(s0, ridx, r, hr_), _put(s1, ridx, r, hi_)
-                s2, s3 = _put(s2, ridx, r, er), _put(s3, ridx, r, ei)
-                ar, ai = lam * cf, lam * sf
-                hr_, hi_ = ar * hr_ - ai * hi_ + vr, ar * hi_ + ai * hr_ + vi
-                lam_prev = lam
-            # stores once per group, after its loads (as in the forward)
-            rows = g + ridx
-            mt = (rows < t1)[:, None] & cmask[None, :]
-            x = xb + rows[:, None] * s_xn + cl[None, :]
-            tl.store(x, s0, mask=mt)
-            tl.store(x + C, s1, mask=mt)
-            tl.store(x + 2 * C, s2, mask=mt)
-            tl.store(x + 3 * C, s3, mask=mt)
+        for g in range(t0, t1, 4):
+            x = scr_ptr + b * s_xb + (g // 4) * s_xn + cs
+            _store_map(x, C, 0, cmask, hr_, hi_, er, ei)
+            tl.store(x + 4 * C, lam_prev, mask=cmask)
+            for r in tl.static_range(4):
+                _, carry = _fwd_row(ub, zb, db, s_un, s_zn, s_dn, cs, C, gamma, cf, sf, cr_, sr_, g + r, t1, cmask,
+                                    (hr_, hi_, er, ei, lam_prev))
+                hr_, hi_, er, ei, lam_prev = carry
         tl.debug_barrier()  # the reverse sweep reads the stash just written: order those stores before its loads
-        # reverse sweep: hr_{t+1} and df_t, then the gradients of row t
+        # reverse sweep, a group at a time from the last: recompute the group's hf_{t-1} and dr_t from its stash
+        # (in registers, one value per row), then walk it backwards with hr and df and form the gradients
         if HAS_CARRY:
             hr_, hi_ = _fold_carries(sp, s_sk, s_ss, cs, cmask, k, n_chunks, 4, False)
             fr, fi = _fold_carries(sp, s_sk, s_ss, cs, cmask, k, n_chunks, 8, False)
@@ -290,45 +283,33 @@ def _bihgru_bwd_kernel(
             hr_, hi_, fr, fi = zero, zero, zero, zero
         lam_next = lam_after
         dgam, dthf, dthr = zero, zero, zero
-        for g in range(0, t1 - t0, UNROLL):
+        n_groups = tl.cdiv(t1 - t0, 4)
+        for j in range(0, n_groups):
+            g = t0 + (n_groups - 1 - j) * 4
+            x = scr_ptr + b * s_xb + (g // 4) * s_xn + cs
+            carry = (tl.load(x, mask=cmask, other=0.), tl.load(x + C, mask=cmask, other=0.),
+                     tl.load(x + 2 * C, mask=cmask, other=0.), tl.load(x + 3 * C, mask=cmask, other=0.),
+                     tl.load(x + 4 * C, mask=cmask, other=0.))
+            row0, carry = _fwd_row(ub, zb, db, s_un, s_zn, s_dn, cs, C, gamma, cf, sf, cr_, sr_, g, t1, cmask, carry)
+            row1, carry = _fwd_row(ub, zb, db, s_un, s_zn, s_dn, cs, C, gamma, cf, sf, cr_, sr_, g + 1, t1, cmask,
+                                   carry)
+            row2, carry = _fwd_row(ub, zb, db, s_un, s_zn, s_dn, cs, C, gamma, cf, sf, cr_, sr_, g + 2, t1, cmask,
+                                   carry)
+            row3, carry = _fwd_row(ub, zb, db, s_un, s_zn, s_dn, cs, C, gamma, cf, sf, cr_, sr_, g + 3, t1, cmask,
+                                   carry)
             dz_t, dur_t, dui_t = tile0, tile0, tile0
-            for r in tl.static_range(UNROLL):
-                t = t1 - 1 - g - r
-                m = cmask & (t >= t0)
-                z = tl.load(zb + t * s_zn + cs, mask=m, other=0.).to(tl.float32)
-                ur = tl.load(ub + t * s_un + 2 * cs, mask=m, other=0.).to(tl.float32)
-                ui = tl.load(ub + t * s_un + 2 * cs + 1, mask=m, other=0.).to(tl.float32)
-                gr, gi = _load_complex(db + t * s_dn + cs, C, m)
-                x = xb + t * s_xn + cs
-                pr = tl.load(x, mask=m, other=0.)
-                pi = tl.load(x + C, mask=m, other=0.)
-                er = tl.load(x + 2 * C, mask=m, other=0.)
-                ei = tl.load(x + 3 * C, mask=m, other=0.)
-                sig = tl.sigmoid(z)
-                lam = tl.where(m, gamma + (1. - gamma) * sig, 0.)
-                sur, sui = tl.sigmoid(ur), tl.sigmoid(ui)
-                cre, cim = ur * sur, ui * sui
-                fr, fi = lam_next * (cf * fr + sf * fi) + gr, lam_next * (cf * fi - sf * fr) + gi
-                dvr, dvi = fr + er, fi + ei
-                # q = d conj(e^{i theta} h_neighbour): Re -> dlam, lam Im -> dtheta
-                hpr, hpi = _cmul(cf, sf, pr, pi)
-                qfr, qfi = fr * hpr + fi * hpi, fi * hpr - fr * hpi
-                hnr, hni = _cmul(cr_, sr_, hr_, hi_)
-                qrr, qri = er * hnr + ei * hni, ei * hnr - er * hni
-                dlam = tl.where(m, qfr + qrr - (dvr * cre + dvi * cim), 0.)
-                w = 1. - lam
-                dz_t = _put(dz_t, ridx, r, dlam * (1. - gamma) * sig * (1. - sig))
-                dur_t = _put(dur_t, ridx, r, w * dvr * sur * (1. + ur * (1. - sur)))
-                dui_t = _put(dui_t, ridx, r, w * dvi * sui * (1. + ui * (1. - sui)))
-                dgam += dlam * (1. - sig)
-                dthf += tl.where(m, lam * qfi, 0.)
-                dthr += tl.where(m, lam * qri, 0.)
-                vr, vi = w * cre, w * cim
-                ar, ai = lam * cr_, lam * sr_
-                hr_, hi_ = ar * hr_ - ai * hi_ + vr, ar * hi_ + ai * hr_ + vi
-                lam_next = lam
-            rows = t1 - 1 - g - ridx  # descending, as r
-            mt = (rows >= t0)[:, None] & cmask[None, :]
+            st = (hr_, hi_, fr, fi, lam_next, dgam, dthf, dthr)
+            st, d = _grad_row(st, row3, g + 3, t1, cmask, gamma, cf, sf, cr_, sr_)
+            dz_t, dur_t, dui_t = _put(dz_t, ridx, 3, d[0]), _put(dur_t, ridx, 3, d[1]), _put(dui_t, ridx, 3, d[2])
+            st, d = _grad_row(st, row2, g + 2, t1, cmask, gamma, cf, sf, cr_, sr_)
+            dz_t, dur_t, dui_t = _put(dz_t, ridx, 2, d[0]), _put(dur_t, ridx, 2, d[1]), _put(dui_t, ridx, 2, d[2])
+            st, d = _grad_row(st, row1, g + 1, t1, cmask, gamma, cf, sf, cr_, sr_)
+            dz_t, dur_t, dui_t = _put(dz_t, ridx, 1, d[0]), _put(dur_t, ridx, 1, d[1]), _put(dui_t, ridx, 1, d[2])
+            st, d = _grad_row(st, row0, g, t1, cmask, gamma, cf, sf, cr_, sr_)
+            dz_t, dur_t, dui_t = _put(dz_t, ridx, 0, d[0]), _put(dur_t, ridx, 0, d[1]), _put(dui_t, ridx, 0, d[2])
+            hr_, hi_, fr, fi, lam_next, dgam, dthf, dthr = st
+            rows = g + ridx
+            mt = (rows < t1)[:, None] & cmask[None, :]
             tl.store(dz_ptr + b * s_hb + rows[:, None] * s_hn + cl[None, :], dz_t.to(dz_ptr.dtype.element_ty), mask=mt)
             dub = du_ptr + b * s_gb + rows[:, None] * s_gn + 2 * cl[None, :]
             tl.store(dub, dur_t.to(du_ptr.dtype.element_ty), mask=mt)
@@ -337,6 +318,58 @@ def _bihgru_bwd_kernel(
         tl.store(pp, dgam, mask=cmask)
         tl.store(pp + s_ps, dthf, mask=cmask)
         tl.store(pp + 2 * s_ps, dthr, mask=cmask)
+
+
+@triton.jit
+def _fwd_row(ub, zb, db, s_un, s_zn, s_dn, cs, C, gamma, cf, sf, cr_, sr_, t, t1, cmask, carry):
+    """Row t of the backward's forward-order recurrences, from carry = (hf_{t-1}, dr_{t-1}, lam_{t-1}): returns the
+    row (its inputs z, Re u, Im u, Re g, Im g and the states its gradients need, hf_{t-1} and dr_t) and the carry
+    for row t+1 (unchanged past t1)."""
+    hr_, hi_, er, ei, lam_prev = carry
+    m = cmask & (t < t1)
+    z = tl.load(zb + t * s_zn + cs, mask=m, other=0.).to(tl.float32)
+    ur = tl.load(ub + t * s_un + 2 * cs, mask=m, other=0.).to(tl.float32)
+    ui = tl.load(ub + t * s_un + 2 * cs + 1, mask=m, other=0.).to(tl.float32)
+    gr, gi = _load_complex(db + t * s_dn + cs, C, m)
+    lam = gamma + (1. - gamma) * tl.sigmoid(z)
+    w = 1. - lam
+    dr_r, dr_i = lam_prev * cr_, -lam_prev * sr_
+    er_n, ei_n = dr_r * er - dr_i * ei + gr, dr_r * ei + dr_i * er + gi
+    ar, ai = lam * cf, lam * sf
+    vr, vi = w * ur * tl.sigmoid(ur), w * ui * tl.sigmoid(ui)
+    hr_n, hi_n = ar * hr_ - ai * hi_ + vr, ar * hi_ + ai * hr_ + vi
+    row = (z, ur, ui, gr, gi, hr_, hi_, er_n, ei_n)
+    return row, (tl.where(m, hr_n, hr_), tl.where(m, hi_n, hi_), tl.where(m, er_n, er), tl.where(m, ei_n, ei),
+                 tl.where(m, lam, lam_prev))
+
+
+@triton.jit
+def _grad_row(st, row, t, t1, cmask, gamma, cf, sf, cr_, sr_):
+    """Row t of the reverse sweep, from st = (hr_{t+1}, df_{t+1}, lam_{t+1}, the dgamma / dtheta sums) and the row
+    of `_fwd_row`: returns st for row t-1 (unchanged past t1) and the row's (dz, Re du, Im du)."""
+    hr_, hi_, fr, fi, lam_next, dgam, dthf, dthr = st
+    z, ur, ui, gr, gi, pr, pi, er, ei = row
+    m = cmask & (t < t1)
+    sig = tl.sigmoid(z)
+    lam = gamma + (1. - gamma) * sig
+    sur, sui = tl.sigmoid(ur), tl.sigmoid(ui)
+    cre, cim = ur * sur, ui * sui
+    fr_n, fi_n = lam_next * (cf * fr + sf * fi) + gr, lam_next * (cf * fi - sf * fr) + gi
+    dvr, dvi = fr_n + er, fi_n + ei
+    # q = d conj(e^{i theta} h_neighbour): Re -> dlam, lam Im -> dtheta
+    hpr, hpi = _cmul(cf, sf, pr, pi)
+    qfr, qfi = fr_n * hpr + fi_n * hpi, fi_n * hpr - fr_n * hpi
+    hnr, hni = _cmul(cr_, sr_, hr_, hi_)
+    qrr, qri = er * hnr + ei * hni, ei * hnr - er * hni
+    dlam = tl.where(m, qfr + qrr - (dvr * cre + dvi * cim), 0.)
+    w = 1. - lam
+    ar, ai = lam * cr_, lam * sr_
+    hr_n, hi_n = ar * hr_ - ai * hi_ + w * cre, ar * hi_ + ai * hr_ + w * cim
+    st = (tl.where(m, hr_n, hr_), tl.where(m, hi_n, hi_), tl.where(m, fr_n, fr), tl.where(m, fi_n, fi),
+          tl.where(m, lam, lam_next), dgam + dlam * (1. - sig), dthf + tl.where(m, lam * qfi, 0.),
+          dthr + tl.where(m, lam * qri, 0.))
+    return st, (dlam * (1. - gamma) * sig * (1. - sig), w * dvr * sur * (1. + ur * (1. - sur)),
+                w * dvi * sui * (1. + ui * (1. - sui)))
 
 
 def _num_sms(device: torch.device) -> int:
@@ -350,7 +383,7 @@ def _chunks(B: int, N: int, C: int, device: torch.device) -> Tuple[int, int, int
     n_cblocks = triton.cdiv(C, BLOCK_C)
     target = PROGRAMS_PER_SM * _num_sms(device)
     n_chunks = 1 if B * n_cblocks >= target else min(triton.cdiv(2 * target, B * n_cblocks), triton.cdiv(N, MIN_CHUNK))
-    unroll = max(FWD_UNROLL, BWD_UNROLL)  # whole groups per chunk
+    unroll = math.lcm(FWD_UNROLL, BWD_GROUP)  # whole groups per chunk
     chunk_len = triton.cdiv(triton.cdiv(N, max(n_chunks, 1)), unroll) * unroll
     return n_cblocks, triton.cdiv(N, chunk_len), chunk_len
 
@@ -381,13 +414,13 @@ def bihgru_bwd(dout, u, z, gamma, theta_f, theta_r):
     n_cblocks, n_chunks, chunk_len = _chunks(B, N, C, u.device)
     part = torch.empty(B, n_chunks, 3, C, device=u.device, dtype=torch.float32)
     summ = torch.empty(B, n_chunks, 16, C, device=u.device, dtype=torch.float32) if n_chunks > 1 else part
-    scratch = torch.empty(B, N, 4 * C, device=u.device, dtype=torch.float32)
+    stash = torch.empty(B, triton.cdiv(N, BWD_GROUP), 5 * C, device=u.device, dtype=torch.float32)
     grid = (n_cblocks, B, n_chunks)
-    args = (u, z, gamma, theta_f, theta_r, dout, du, dz, part, summ, scratch, N, C, n_chunks, chunk_len,
+    args = (u, z, gamma, theta_f, theta_r, dout, du, dz, part, summ, stash, N, C, n_chunks, chunk_len,
             u.stride(0), u.stride(1), z.stride(0), z.stride(1), dout.stride(0), dout.stride(1),
             du.stride(0), du.stride(1), dz.stride(0), dz.stride(1), *_sum_strides(summ, n_chunks),
-            *part.stride()[:3], scratch.stride(0), scratch.stride(1))
-    meta = dict(BLOCK_C=BLOCK_C, UNROLL=BWD_UNROLL, num_warps=WARPS)
+            *part.stride()[:3], stash.stride(0), stash.stride(1))
+    meta = dict(BLOCK_C=BLOCK_C, UNROLL=BWD_GROUP, num_warps=WARPS)
     if n_chunks > 1:
         _bihgru_bwd_kernel[grid](*args, SUMMARY=True, HAS_CARRY=False, **meta)
     _bihgru_bwd_kernel[grid](*args, SUMMARY=False, HAS_CARRY=n_chunks > 1, **meta)
