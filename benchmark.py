@@ -4,6 +4,7 @@
     python benchmark.py models --models hgrn_deit_small deit_small_patch16_224
     python benchmark.py scan --check
     python benchmark.py models --device cpu --models hgrn_deit_tiny deit_tiny_patch16_224 --model-kwargs depth=2
+    python benchmark.py profile --models hgrn_deit_small deit_small_patch16_224
 
 The logic lives in `hgrn_vision.benchmark`; this script parses arguments and wires them through.
 """
@@ -14,7 +15,7 @@ import torch
 from timm.utils import ParseKwargs
 
 import hgrn_vision  # noqa: F401  (registers the hgrn_deit entries with timm)
-from hgrn_vision.benchmark import benchmark_models, benchmark_scan, parse_dtype
+from hgrn_vision.benchmark import benchmark_models, benchmark_scan, parse_dtype, profile_models
 
 
 def _shape(text: str) -> Tuple[int, int, int]:
@@ -72,6 +73,22 @@ def build_parser() -> argparse.ArgumentParser:
                    help="also compare every impl with the 'torch' impl in float64 (output and five gradients)")
     p.add_argument('--seed', type=int, default=0)
     _add_common(p)
+
+    p = sub.add_parser('profile', help='torch.profiler over a few steps: time per kind of work (matmul, scan, ...)')
+    p.add_argument('--models', nargs='+', default=['hgrn_deit_small', 'deit_small_patch16_224'])
+    p.add_argument('--res', type=int, default=None, help='resolution (default 224; cpu 32)')
+    p.add_argument('--batch-size', type=int, default=None, help='default 256 (cpu 2)')
+    p.add_argument('--modes', nargs='+', choices=('infer', 'train'), default=['infer', 'train'])
+    p.add_argument('--compile', nargs='+', choices=('eager', 'compiled'), default=None, dest='compile_modes',
+                   help='default compiled on CUDA, eager on the CPU')
+    p.add_argument('--amp-dtype', choices=('bf16', 'fp16'), default='bf16', help='autocast dtype on CUDA')
+    p.add_argument('--no-amp', action='store_true', help='no autocast (float32; always so on the CPU)')
+    p.add_argument('--model-kwargs', nargs='*', default={}, action=ParseKwargs,
+                   help='key=value passed to every timm.create_model, e.g. depth=2')
+    p.add_argument('--steps', type=int, default=5, help='profiled steps (after 3 untimed ones)')
+    p.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu')
+    p.add_argument('--output-dir', default='output/benchmark', help='where the CSV / JSON go')
+    p.add_argument('--name', default=None, help='file name stem (default: the subcommand)')
     return parser
 
 
@@ -98,6 +115,21 @@ def main(argv: Optional[List[str]] = None) -> dict:
             max_iters=args.max_iters,
             max_time=args.max_time,
             channels_last=args.channels_last,
+            output_dir=args.output_dir,
+            name=name,
+        )
+    if args.command == 'profile':
+        cpu = args.device == 'cpu'
+        return profile_models(
+            args.models,
+            device=args.device,
+            res=args.res or (32 if cpu else 224),
+            batch=args.batch_size or (2 if cpu else 256),
+            modes=args.modes,
+            compile_modes=args.compile_modes or (['eager'] if cpu else ['compiled']),
+            amp_dtype=None if (cpu or args.no_amp) else parse_dtype(args.amp_dtype),
+            model_kwargs=args.model_kwargs,
+            steps=args.steps,
             output_dir=args.output_dir,
             name=name,
         )

@@ -1,4 +1,4 @@
-"""benchmark.py in its CPU mode: both subcommands run end to end on tiny settings and write sane results."""
+"""benchmark.py in its CPU mode: every subcommand runs end to end on tiny settings and writes sane results."""
 import csv
 import importlib.util
 import json
@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from hgrn_vision.benchmark import batch_for
+from hgrn_vision.benchmark import batch_for, categorize
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -94,6 +94,32 @@ def test_scan_cpu(bench, tmp_path, capsys):
 
     data = json.loads((tmp_path / 'scan.json').read_text())
     assert data['meta']['copy_gbps'] > 0 and len(data['check']) == len(check)
+
+
+def test_categorize():
+    assert categorize('_bihgru_fwd_kernel') == 'scan'
+    assert categorize('sm90_xmma_gemm_bf16bf16_bf16f32') == 'matmul' and categorize('aten::addmm') == 'matmul'
+    assert categorize('pytorch_flash::flash_fwd_kernel') == 'attention'
+    assert categorize('triton_per_fused_native_layer_norm_0') == 'layer_norm'
+    assert categorize('triton_poi_fused_mul_silu_1') == 'elementwise / fused'
+    assert categorize('some_unknown_kernel') == 'other'
+
+
+def test_profile_cpu(bench, tmp_path, capsys):
+    bench.main(['profile', '--device', 'cpu', '--models', 'hgrn_deit_tiny', 'deit_tiny_patch16_224',
+                '--model-kwargs', 'depth=1', '--steps', '2', '--output-dir', str(tmp_path)])
+    printed = capsys.readouterr().out
+    assert 'ms/step' in printed and 'largest kernels' in printed
+    rows = _read_csv(tmp_path / 'profile.csv')
+    for model in ('hgrn_deit_tiny', 'deit_tiny_patch16_224'):
+        for mode in ('infer', 'train'):
+            block = [r for r in rows if r['model'] == model and r['mode'] == mode]
+            cats = {r['category']: float(r['ms_per_step']) for r in block}
+            assert 'matmul' in cats and 'total' in cats, cats
+            assert all(v > 0 for v in cats.values()), cats
+            assert math.isclose(sum(v for k, v in cats.items() if k != 'total'), cats['total'], rel_tol=1e-6)
+            assert math.isclose(sum(float(r['pct']) for r in block if r['category'] != 'total'), 100, rel_tol=1e-6)
+        assert 'optimizer' in {r['category'] for r in rows if r['model'] == model and r['mode'] == 'train'}
 
 
 def test_scan_failing_impl_is_a_row(tmp_path, monkeypatch):

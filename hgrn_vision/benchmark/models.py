@@ -124,6 +124,22 @@ def _make_step(model, x, y, mode: str, device: torch.device, amp_dtype, optimize
     return step
 
 
+def prepare_step(model, mode: str, batch: int, res: int, device: torch.device, model_kwargs: Dict[str, Any],
+                 channels_last: bool = False):
+    """Put `model` in `mode` and make what a timed step needs: the AdamW optimizer when training (fused on CUDA),
+    a random input batch and labels. Returns (optimizer or None, x, y)."""
+    model.train(mode == 'train')
+    optimizer = None
+    if mode == 'train':
+        optimizer = torch.optim.AdamW(
+            model.parameters(), lr=1e-4, weight_decay=0.05, **({'fused': True} if device.type == 'cuda' else {}))
+    x = torch.randn(batch, model_kwargs.get('in_chans', 3), res, res, device=device)
+    if channels_last:
+        x = x.to(memory_format=torch.channels_last)
+    y = torch.randint(0, getattr(model, 'num_classes', 1000) or 1, (batch,), device=device)
+    return optimizer, x, y
+
+
 def count_flops(
         model: torch.nn.Module,
         res: int,
@@ -188,21 +204,12 @@ def _run_one(
         if channels_last:
             model = model.to(memory_format=torch.channels_last)
         row['params_m'] = sum(p.numel() for p in model.parameters()) / 1e6
-        in_chans = model_kwargs.get('in_chans', 3)
         key = (name, res, mode)
         if key not in flops_cache:
-            flops_cache[key] = count_flops(model, res, mode, device, amp_dtype, in_chans)
+            flops_cache[key] = count_flops(model, res, mode, device, amp_dtype, model_kwargs.get('in_chans', 3))
         row['gflops_per_img'] = flops_cache[key]['flops_per_img'] / 1e9
         row['scan_gops_per_img'] = flops_cache[key]['scan_ops_per_img'] / 1e9
-
-        model.train(mode == 'train')
-        if mode == 'train':
-            optimizer = torch.optim.AdamW(
-                model.parameters(), lr=1e-4, weight_decay=0.05, **({'fused': True} if device.type == 'cuda' else {}))
-        x = torch.randn(batch, in_chans, res, res, device=device)
-        if channels_last:
-            x = x.to(memory_format=torch.channels_last)
-        y = torch.randint(0, getattr(model, 'num_classes', 1000) or 1, (batch,), device=device)
+        optimizer, x, y = prepare_step(model, mode, batch, res, device, model_kwargs, channels_last)
         fn = torch.compile(model, dynamic=False) if compile_mode == 'compiled' else model
         step = _make_step(fn, x, y, mode, device, amp_dtype, optimizer)
 
