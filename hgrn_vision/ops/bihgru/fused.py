@@ -41,7 +41,8 @@ BWD_GROUP = 4
 
 @triton.jit
 def _fold_carries(sum_ptr, s_sk, s_ss, cs, cmask, k, n_chunks, SLOT: tl.constexpr, FORWARD: tl.constexpr):
-    """State entering chunk k from the summaries (A, b) at slots SLOT..SLOT+3 of the chunks before (or after) it."""
+    """State entering chunk k from the summaries (A, b) at slots SLOT..SLOT+3 of the chunks before (or after) it;
+    zero for the first (last) chunk, and so whenever the sequence is not split."""
     cr = tl.zeros(cs.shape, dtype=tl.float32)
     ci = tl.zeros(cs.shape, dtype=tl.float32)
     if FORWARD:
@@ -53,14 +54,9 @@ def _fold_carries(sum_ptr, s_sk, s_ss, cs, cmask, k, n_chunks, SLOT: tl.constexp
             kk = j
         else:
             kk = n_chunks - 1 - j
-        p = sum_ptr + kk * s_sk + cs
-        Ar = tl.load(p + (SLOT + 0) * s_ss, mask=cmask, other=0.)
-        Ai = tl.load(p + (SLOT + 1) * s_ss, mask=cmask, other=0.)
-        br = tl.load(p + (SLOT + 2) * s_ss, mask=cmask, other=0.)
-        bi = tl.load(p + (SLOT + 3) * s_ss, mask=cmask, other=0.)
+        Ar, Ai, br, bi = _load_map(sum_ptr + kk * s_sk + cs, s_ss, SLOT, cmask)
         cr, ci = Ar * cr - Ai * ci + br, Ar * ci + Ai * cr + bi
     return cr, ci
-
 
 
 @triton.jit
@@ -75,11 +71,18 @@ def _channels(gamma_ptr, tf_ptr, tr_ptr, C, BLOCK_C: tl.constexpr):
 
 
 @triton.jit
-def _row_gates(u_ptr, z_ptr, cs, m, gamma):
-    """One token row of BLOCK_C channels (channel stride 1): lam, Re v, Im v in fp32; 0 outside the mask."""
+def _load_row(u_ptr, z_ptr, cs, m):
+    """z, Re u, Im u of one token row of BLOCK_C channels (channel stride 1) in fp32; 0 outside the mask."""
     z = tl.load(z_ptr + cs, mask=m, other=0.).to(tl.float32)
     ur = tl.load(u_ptr + 2 * cs, mask=m, other=0.).to(tl.float32)
     ui = tl.load(u_ptr + 2 * cs + 1, mask=m, other=0.).to(tl.float32)
+    return z, ur, ui
+
+
+@triton.jit
+def _row_gates(u_ptr, z_ptr, cs, m, gamma):
+    """One token row of BLOCK_C channels (channel stride 1): lam, Re v, Im v in fp32; 0 outside the mask."""
+    z, ur, ui = _load_row(u_ptr, z_ptr, cs, m)
     lam = tl.where(m, gamma + (1. - gamma) * tl.sigmoid(z), 0.)
     w = 1. - lam
     return lam, w * ur * tl.sigmoid(ur), w * ui * tl.sigmoid(ui)
@@ -116,6 +119,15 @@ def _load_complex(p, C, m):
 
 
 @triton.jit
+def _load_map(p, s_ss, SLOT: tl.constexpr, cmask):
+    """The 4 fp32 values at slots SLOT..SLOT+3 (stride s_ss) from p, as `_store_map` wrote them."""
+    return (tl.load(p + SLOT * s_ss, mask=cmask, other=0.).to(tl.float32),
+            tl.load(p + (SLOT + 1) * s_ss, mask=cmask, other=0.).to(tl.float32),
+            tl.load(p + (SLOT + 2) * s_ss, mask=cmask, other=0.).to(tl.float32),
+            tl.load(p + (SLOT + 3) * s_ss, mask=cmask, other=0.).to(tl.float32))
+
+
+@triton.jit
 def _store_map(p, s_ss, SLOT: tl.constexpr, cmask, Ar, Ai, Br, Bi):
     tl.store(p + SLOT * s_ss, Ar, mask=cmask)
     tl.store(p + (SLOT + 1) * s_ss, Ai, mask=cmask)
@@ -128,7 +140,7 @@ def _bihgru_fwd_kernel(
         u_ptr, z_ptr, gamma_ptr, tf_ptr, tr_ptr, out_ptr, sum_ptr,
         N, C, n_chunks, chunk_len,
         s_ub, s_un, s_zb, s_zn, s_ob, s_on, s_sb, s_sk, s_ss,
-        BLOCK_C: tl.constexpr, UNROLL: tl.constexpr, SUMMARY: tl.constexpr, HAS_CARRY: tl.constexpr,
+        BLOCK_C: tl.constexpr, UNROLL: tl.constexpr, SUMMARY: tl.constexpr,
 ):
     """Token by token, BLOCK_C channels wide: a forward sweep writes hf, a reverse sweep adds hr (rows still cached).
 
@@ -157,10 +169,7 @@ def _bihgru_fwd_kernel(
         _store_map(p, s_ss, 0, cmask, afr_t, afi_t, hfr, hfi)
         _store_map(p, s_ss, 4, cmask, arr_t, ari_t, hrr, hri)
     else:
-        if HAS_CARRY:
-            hr_, hi_ = _fold_carries(sum_ptr + b * s_sb, s_sk, s_ss, cs, cmask, k, n_chunks, 0, True)
-        else:
-            hr_, hi_ = tl.zeros([BLOCK_C], tl.float32), tl.zeros([BLOCK_C], tl.float32)
+        hr_, hi_ = _fold_carries(sum_ptr + b * s_sb, s_sk, s_ss, cs, cmask, k, n_chunks, 0, True)
         for g in range(t0, t1, UNROLL):
             hr_t, hi_t = tile0, tile0
             for r in tl.static_range(UNROLL):
@@ -177,10 +186,7 @@ def _bihgru_fwd_kernel(
             tl.store(o, hr_t.to(out_ptr.dtype.element_ty), mask=mt)
             tl.store(o + C, hi_t.to(out_ptr.dtype.element_ty), mask=mt)
         tl.debug_barrier()  # the reverse sweep re-reads hf just written: order those stores before its loads
-        if HAS_CARRY:
-            hr_, hi_ = _fold_carries(sum_ptr + b * s_sb, s_sk, s_ss, cs, cmask, k, n_chunks, 4, False)
-        else:
-            hr_, hi_ = tl.zeros([BLOCK_C], tl.float32), tl.zeros([BLOCK_C], tl.float32)
+        hr_, hi_ = _fold_carries(sum_ptr + b * s_sb, s_sk, s_ss, cs, cmask, k, n_chunks, 4, False)
         for g in range(0, t1 - t0, UNROLL):
             hr_t, hi_t = tile0, tile0
             for r in tl.static_range(UNROLL):
@@ -203,7 +209,7 @@ def _bihgru_bwd_kernel(
         u_ptr, z_ptr, gamma_ptr, tf_ptr, tr_ptr, do_ptr, du_ptr, dz_ptr, part_ptr, sum_ptr, scr_ptr,
         N, C, n_chunks, chunk_len,
         s_ub, s_un, s_zb, s_zn, s_db, s_dn, s_gb, s_gn, s_hb, s_hn, s_sb, s_sk, s_ss, s_pb, s_pk, s_ps, s_xb, s_xn,
-        BLOCK_C: tl.constexpr, UNROLL: tl.constexpr, SUMMARY: tl.constexpr, HAS_CARRY: tl.constexpr,
+        BLOCK_C: tl.constexpr, UNROLL: tl.constexpr, SUMMARY: tl.constexpr,
 ):
     """Backward, token by token. A forward sweep runs hf and the reverse adjoint dr and stashes their values entering
     each group of 4 rows; a reverse sweep recomputes them inside each group and runs hr and the forward adjoint df
@@ -259,11 +265,8 @@ def _bihgru_bwd_kernel(
         tl.static_assert(UNROLL == 4, 'the reverse sweep below is written out for groups of 4 rows (BWD_GROUP)')
         sp = sum_ptr + b * s_sb
         # forward sweep: hf and dr over the chunk; each group's entering (hf, dr, lam) stashed, 5 floats per group
-        if HAS_CARRY:
-            hr_, hi_ = _fold_carries(sp, s_sk, s_ss, cs, cmask, k, n_chunks, 0, True)
-            er, ei = _fold_carries(sp, s_sk, s_ss, cs, cmask, k, n_chunks, 12, True)
-        else:
-            hr_, hi_, er, ei = zero, zero, zero, zero
+        hr_, hi_ = _fold_carries(sp, s_sk, s_ss, cs, cmask, k, n_chunks, 0, True)
+        er, ei = _fold_carries(sp, s_sk, s_ss, cs, cmask, k, n_chunks, 12, True)
         lam_prev = lam_before
         for g in range(t0, t1, 4):
             x = scr_ptr + b * s_xb + (g // 4) * s_xn + cs
@@ -276,20 +279,16 @@ def _bihgru_bwd_kernel(
         tl.debug_barrier()  # the reverse sweep reads the stash just written: order those stores before its loads
         # reverse sweep, a group at a time from the last: recompute the group's hf_{t-1} and dr_t from its stash
         # (in registers, one value per row), then walk it backwards with hr and df and form the gradients
-        if HAS_CARRY:
-            hr_, hi_ = _fold_carries(sp, s_sk, s_ss, cs, cmask, k, n_chunks, 4, False)
-            fr, fi = _fold_carries(sp, s_sk, s_ss, cs, cmask, k, n_chunks, 8, False)
-        else:
-            hr_, hi_, fr, fi = zero, zero, zero, zero
+        hr_, hi_ = _fold_carries(sp, s_sk, s_ss, cs, cmask, k, n_chunks, 4, False)
+        fr, fi = _fold_carries(sp, s_sk, s_ss, cs, cmask, k, n_chunks, 8, False)
         lam_next = lam_after
         dgam, dthf, dthr = zero, zero, zero
         n_groups = tl.cdiv(t1 - t0, 4)
         for j in range(0, n_groups):
             g = t0 + (n_groups - 1 - j) * 4
             x = scr_ptr + b * s_xb + (g // 4) * s_xn + cs
-            carry = (tl.load(x, mask=cmask, other=0.), tl.load(x + C, mask=cmask, other=0.),
-                     tl.load(x + 2 * C, mask=cmask, other=0.), tl.load(x + 3 * C, mask=cmask, other=0.),
-                     tl.load(x + 4 * C, mask=cmask, other=0.))
+            hr0, hi0, er0, ei0 = _load_map(x, C, 0, cmask)
+            carry = (hr0, hi0, er0, ei0, tl.load(x + 4 * C, mask=cmask, other=0.))
             row0, carry = _fwd_row(ub, zb, db, s_un, s_zn, s_dn, cs, C, gamma, cf, sf, cr_, sr_, g, t1, cmask, carry)
             row1, carry = _fwd_row(ub, zb, db, s_un, s_zn, s_dn, cs, C, gamma, cf, sf, cr_, sr_, g + 1, t1, cmask,
                                    carry)
@@ -327,9 +326,7 @@ def _fwd_row(ub, zb, db, s_un, s_zn, s_dn, cs, C, gamma, cf, sf, cr_, sr_, t, t1
     for row t+1 (unchanged past t1)."""
     hr_, hi_, er, ei, lam_prev = carry
     m = cmask & (t < t1)
-    z = tl.load(zb + t * s_zn + cs, mask=m, other=0.).to(tl.float32)
-    ur = tl.load(ub + t * s_un + 2 * cs, mask=m, other=0.).to(tl.float32)
-    ui = tl.load(ub + t * s_un + 2 * cs + 1, mask=m, other=0.).to(tl.float32)
+    z, ur, ui = _load_row(ub + t * s_un, zb + t * s_zn, cs, m)
     gr, gi = _load_complex(db + t * s_dn + cs, C, m)
     lam = gamma + (1. - gamma) * tl.sigmoid(z)
     w = 1. - lam
@@ -400,8 +397,8 @@ def bihgru_fwd(u, z, gamma, theta_f, theta_r) -> torch.Tensor:
             z.stride(0), z.stride(1), out.stride(0), out.stride(1), *_sum_strides(summ, n_chunks))
     meta = dict(BLOCK_C=BLOCK_C, UNROLL=FWD_UNROLL, num_warps=WARPS)
     if n_chunks > 1:
-        _bihgru_fwd_kernel[grid](*args, SUMMARY=True, HAS_CARRY=False, **meta)
-    _bihgru_fwd_kernel[grid](*args, SUMMARY=False, HAS_CARRY=n_chunks > 1, **meta)
+        _bihgru_fwd_kernel[grid](*args, SUMMARY=True, **meta)
+    _bihgru_fwd_kernel[grid](*args, SUMMARY=False, **meta)
     return out
 
 
@@ -422,8 +419,8 @@ def bihgru_bwd(dout, u, z, gamma, theta_f, theta_r):
             *part.stride()[:3], stash.stride(0), stash.stride(1))
     meta = dict(BLOCK_C=BLOCK_C, UNROLL=BWD_GROUP, num_warps=WARPS)
     if n_chunks > 1:
-        _bihgru_bwd_kernel[grid](*args, SUMMARY=True, HAS_CARRY=False, **meta)
-    _bihgru_bwd_kernel[grid](*args, SUMMARY=False, HAS_CARRY=n_chunks > 1, **meta)
+        _bihgru_bwd_kernel[grid](*args, SUMMARY=True, **meta)
+    _bihgru_bwd_kernel[grid](*args, SUMMARY=False, **meta)
     dgamma, dtf, dtr = part.sum(dim=(0, 1)).unbind(0)  # one reduction; copies so that the outputs do not alias
     return du, dz, dgamma.to(gamma.dtype, copy=True), dtf.to(theta_f.dtype, copy=True), \
         dtr.to(theta_r.dtype, copy=True)
