@@ -18,7 +18,7 @@ import triton
 import triton.testing
 
 import hgrn_vision.ops.bihgru.fused as fz
-from hgrn_vision.benchmark import make_scan_inputs, measure_copy_bandwidth, rel_err
+from hgrn_vision.benchmark import cast_scan_inputs, float64_reference, make_scan_inputs, measure_copy_bandwidth, rel_err
 from hgrn_vision.ops import bihgru_scan
 
 SHAPES = [(256, 256, 192), (256, 256, 384), (64, 1024, 384), (16, 5329, 384), (1, 256, 192)]
@@ -26,8 +26,7 @@ SHAPES = [(256, 256, 192), (256, 256, 384), (64, 1024, 384), (16, 5329, 384), (1
 
 def inputs(B, N, C, dtype, seed=0):
     """The benchmark's scan inputs on the GPU, u and z in `dtype`."""
-    x = make_scan_inputs(B, N, C, torch.device('cuda'), seed=seed)
-    return [t.to(dtype) for t in x[:2]] + x[2:]
+    return cast_scan_inputs(make_scan_inputs(B, N, C, torch.device('cuda'), seed=seed), dtype)
 
 
 def poison():
@@ -54,20 +53,17 @@ def check(shapes=SHAPES, repeat_first=True):
         if B * N * C > 16 * 5329 * 384:
             B = max(1, (16 * 5329 * 384) // (N * C))
         x = [t.requires_grad_() for t in inputs(B, N, C, dtype)]
-        xr = [t.detach().double().requires_grad_() for t in x]
-        ref = bihgru_scan(*xr, impl='torch')
-        do = torch.randn_like(ref)
-        gref = torch.autograd.grad(ref, xr, do)
-        for impl in ('triton',):
-            poison()
-            out = bihgru_scan(*x, impl=impl)
-            gs = torch.autograd.grad(out, x, do.to(dtype))
-            errs = [rel_err(out, ref)] + [rel_err(a, b) for a, b in zip(gs, gref)]
-            print(f'{str((B, N, C)):>20} {str(dtype)[6:]:>9} {impl:>10} ' + ' '.join(f'{e:9.2e}' for e in errs))
-            for name, a, b, e in zip(('out', 'du', 'dz', 'dgamma', 'dtf', 'dtr'), [out, *gs], [ref, *gref], errs):
-                if not e < 1e-2:
-                    print(f'    {name}: {worst(a, b)}')
-        del x, xr, ref, gref
+        do = torch.randn(x[0].shape, device='cuda', dtype=torch.float64)
+        ref = float64_reference(x, do)
+        poison()
+        out = bihgru_scan(*x, impl='triton')
+        got = [out, *torch.autograd.grad(out, x, do.to(dtype))]
+        errs = [rel_err(a, b) for a, b in zip(got, ref)]
+        print(f'{str((B, N, C)):>20} {str(dtype)[6:]:>9} {"triton":>10} ' + ' '.join(f'{e:9.2e}' for e in errs))
+        for name, a, b, e in zip(('out', 'du', 'dz', 'dgamma', 'dtf', 'dtr'), got, ref, errs):
+            if not e < 1e-2:
+                print(f'    {name}: {worst(a, b)}')
+        del x, do, ref, out, got
         torch.cuda.empty_cache()
 
 
@@ -101,15 +97,14 @@ def compare(path, shapes=((256, 256, 384), (64, 1024, 384), (16, 5329, 384), (25
         do = torch.randn(shape[0], shape[1], 2 * shape[2], device='cuda', dtype=dtype)
         floor = 8 * shape[0] * shape[1] * shape[2] * x[0].element_size()
         ms = [bench(lambda m=m, x=x, do=do: m.bihgru_bwd(do, *x), rep=100) for m in (fz, other)]
-        xr = [t.detach().double().requires_grad_() for t in x]
-        gref = torch.autograd.grad(bihgru_scan(*xr, impl='torch'), xr, do.double())
+        gref = float64_reference(x, do)[1:]
         err = max(rel_err(a, b) for a, b in zip(fz.bihgru_bwd(do, *x), gref))
         pct = [100 * floor / t / 1e6 / bw for t in ms]
         print(f'{str(shape):>18} {str(dtype)[6:]:>9}  current {ms[0] * 1e3:8.1f} us {pct[0]:5.1f}%'
               f'   other {ms[1] * 1e3:8.1f} us {pct[1]:5.1f}%   speed-up {ms[1] / ms[0]:5.2f}x'
               f'   current max rel. err {err:.1e}')
         sys.stdout.flush()
-        del x, do, xr, gref
+        del x, do, gref
         torch.cuda.empty_cache()
 
 
@@ -130,12 +125,9 @@ def stress(reps=8):
     variants = [('autograd', autograd), ('direct', direct(fz)), ('direct, no barrier', direct(nobar))]
     for (B, N, C), dtype in itertools.product(SHAPES[:3], (torch.float32, torch.bfloat16)):
         x = inputs(B, N, C, dtype)
-        xr = [t.detach().double().requires_grad_() for t in x]
-        ref = bihgru_scan(*xr, impl='torch')
-        do = torch.randn_like(ref)
-        gref = torch.autograd.grad(ref, xr, do)[:3]
+        do = torch.randn(x[0].shape, device='cuda', dtype=torch.float64)
+        gref = float64_reference(x, do)[1:4]
         do = do.to(dtype)
-        del xr, ref
         line = f'{str((B, N, C)):>18} {str(dtype)[6:]:>9}'
         for name, run in variants:
             bad = 0

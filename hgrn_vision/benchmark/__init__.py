@@ -2,5 +2,15 @@
 model's step spends its time (`profile`)."""
 from .models import SCAN_BWD_OPS, SCAN_FWD_OPS, batch_for, benchmark_models, count_flops, create_benchmark_model
 from .profile import CATEGORIES, categorize, profile_models
-from .scan import BWD_ELEMS, FWD_ELEMS, SCAN_SHAPES, benchmark_scan, check_scan, make_scan_inputs, rel_err
+from .scan import (
+    BWD_ELEMS,
+    FWD_ELEMS,
+    SCAN_SHAPES,
+    benchmark_scan,
+    cast_scan_inputs,
+    check_scan,
+    float64_reference,
+    make_scan_inputs,
+    rel_err,
+)
 from .utils import format_table, measure_copy_bandwidth, measure_matmul_peak, parse_dtype, time_fn

@@ -35,7 +35,8 @@ from .utils import (
     write_json,
 )
 
-__all__ = ['SCAN_SHAPES', 'FWD_ELEMS', 'BWD_ELEMS', 'make_scan_inputs', 'rel_err', 'benchmark_scan', 'check_scan']
+__all__ = ['SCAN_SHAPES', 'FWD_ELEMS', 'BWD_ELEMS', 'make_scan_inputs', 'cast_scan_inputs', 'float64_reference',
+           'rel_err', 'benchmark_scan', 'check_scan']
 
 SCAN_SHAPES: Tuple[Tuple[int, int, int], ...] = (
     (256, 256, 192), (256, 256, 384), (64, 1024, 384), (16, 5329, 384), (1, 256, 192))
@@ -84,7 +85,8 @@ def make_scan_inputs(B: int, N: int, C: int, device: torch.device, seed: int = 0
     return [u, z, gamma, theta_f, theta_r]
 
 
-def _cast(inputs: Sequence[torch.Tensor], dtype: torch.dtype, requires_grad: bool = False) -> List[torch.Tensor]:
+def cast_scan_inputs(inputs: Sequence[torch.Tensor], dtype: torch.dtype,
+                     requires_grad: bool = False) -> List[torch.Tensor]:
     """u, z in `dtype`, the per-channel vectors float32 (float64 when `dtype` is float64), as fresh leaves."""
     vec_dtype = torch.float64 if dtype == torch.float64 else torch.float32
     out = [t.to(dtype if i < 2 else vec_dtype).detach().clone() for i, t in enumerate(inputs)]
@@ -102,10 +104,10 @@ def _time_impl(impl: str, inputs: Sequence[torch.Tensor], dtype: torch.dtype, de
                timing: Dict[str, Any], row: Dict[str, Any]) -> None:
     """Puts the median ms of the forward, the backward alone and forward + backward of `impl` in `dtype` into
     `row`, one after the other (an impl whose backward fails keeps its forward time)."""
-    x = _cast(inputs, dtype)
+    x = cast_scan_inputs(inputs, dtype)
     with torch.no_grad():
         row['fwd_ms'] = statistics.median(time_fn(lambda: bihgru_scan(*x, impl=impl), device, **timing))
-    xg = _cast(inputs, dtype, requires_grad=True)
+    xg = cast_scan_inputs(inputs, dtype, requires_grad=True)
     dout = torch.randn(x[0].shape, device=device, dtype=dtype)
     row['bwd_ms'] = _time_bwd(impl, xg, dout, device, timing)
 
@@ -115,10 +117,11 @@ def _time_impl(impl: str, inputs: Sequence[torch.Tensor], dtype: torch.dtype, de
     row['fwdbwd_ms'] = statistics.median(time_fn(fwdbwd, device, **timing))
 
 
-def _reference(inputs: Sequence[torch.Tensor], dout: torch.Tensor, max_elems: int = 1 << 22) -> List[torch.Tensor]:
+def float64_reference(inputs: Sequence[torch.Tensor], dout: torch.Tensor,
+                      max_elems: int = 1 << 22) -> List[torch.Tensor]:
     """Output and five gradients of the 'torch' implementation in float64, over batch chunks of at most about
     `max_elems` (B, N, C) elements (the per-channel gradients are summed over the chunks)."""
-    u, z, gamma, theta_f, theta_r = _cast(inputs, torch.float64)
+    u, z, gamma, theta_f, theta_r = cast_scan_inputs(inputs, torch.float64)
     dout = dout.double()
     B, N, C = z.shape
     step = max(1, max_elems // (N * C))
@@ -160,7 +163,7 @@ def check_scan(
 ) -> None:
     """Puts the relative errors of `impl` in `dtype` against the float64 reference `ref` into `row`: 'out', then
     the five gradients (the output's error stays when the backward fails)."""
-    x = _cast(inputs, dtype, requires_grad=True)
+    x = cast_scan_inputs(inputs, dtype, requires_grad=True)
     out = bihgru_scan(*x, impl=impl)
     row['out'] = rel_err(out, ref[0])
     grads = torch.autograd.grad(out, x, dout.to(out.dtype))
@@ -217,7 +220,7 @@ def benchmark_scan(
             if check:
                 dout = torch.randn(B, N, 2 * C, device=dev, dtype=dtype)
                 try:
-                    ref = _reference(_cast(inputs, dtype), dout)
+                    ref = float64_reference(cast_scan_inputs(inputs, dtype), dout)
                 except OOM_ERRORS:
                     print(f'  no float64 reference at {(B, N, C)} {dtype}: out of memory', flush=True)
                 release_memory(dev)
