@@ -12,12 +12,12 @@ from typing import Any, Dict, Optional
 
 import torch
 from PIL import Image
-from timm.data import ImageDataset, create_dataset
+from timm.data import ImageDataset, create_dataset, create_loader
 
 from .args import UserError
 
 __all__ = ['FASHION_MNIST_FILES', 'prepare_fashion_mnist', 'build_dataset', 'StrictImageDataset', 'DatasetSubset',
-           'dataset_classes']
+           'dataset_classes', 'create_eval_loader']
 
 _logger = logging.getLogger(__name__)
 
@@ -177,3 +177,13 @@ def dataset_classes(dataset) -> Optional[int]:
     return None
 
 
+def create_eval_loader(dataset, data_config: Dict[str, Any], args, device: torch.device, distributed: bool = False):
+    """The evaluation loader of train.py (each epoch) and validate.py: timm's eval transform (resize, center crop
+    at `crop_pct`, normalise) from `data_config`, `args.batch_size` / `args.workers`, memory pinned on CUDA when
+    `args.pin_mem`."""
+    return create_loader(
+        dataset, input_size=data_config['input_size'], batch_size=args.batch_size, is_training=False,
+        interpolation=data_config['interpolation'], mean=data_config['mean'], std=data_config['std'],
+        num_workers=args.workers, distributed=distributed, crop_pct=data_config['crop_pct'],
+        pin_memory=args.pin_mem and device.type == 'cuda', device=device, use_prefetcher=False,
+        persistent_workers=False)

@@ -11,11 +11,11 @@ from typing import Any, Dict, Optional, Sequence
 
 import torch
 import torch.nn as nn
-from timm.data import create_loader, resolve_data_config
+from timm.data import resolve_data_config
 
 from .args import UserError, parse_args, validate_parser
 from .checkpoint import _load_strict, load_checkpoint_file, model_state_from_checkpoint
-from .data import build_dataset, dataset_classes
+from .data import build_dataset, create_eval_loader, dataset_classes
 from .engine import evaluate
 from .trainer import create_train_model, setup_device
 
@@ -71,12 +71,7 @@ def validate(args: argparse.Namespace) -> Dict[str, Any]:
     eval_model = torch.compile(model, backend=args.torchcompile) if args.torchcompile else model
     if args.grad_checkpointing:
         _logger.info('--grad-checkpointing has no effect in evaluation')
-    pin_mem = args.pin_mem and device.type == 'cuda'
-    loader = create_loader(
-        dataset, input_size=data_config['input_size'], batch_size=args.batch_size, is_training=False,
-        interpolation=data_config['interpolation'], mean=data_config['mean'], std=data_config['std'],
-        num_workers=args.workers, crop_pct=data_config['crop_pct'], pin_memory=pin_mem, device=device,
-        use_prefetcher=False, distributed=False)
+    loader = create_eval_loader(dataset, data_config, args, device)
     metrics = evaluate(
         eval_model, loader, nn.CrossEntropyLoss().to(device), device, amp=args.amp, amp_dtype=args.amp_dtype,
         log_interval=args.log_freq, num_batches=args.num_batches, channels_last=args.channels_last)

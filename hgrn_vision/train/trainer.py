@@ -34,7 +34,7 @@ from .checkpoint import (
     resume_training_state,
     set_rng_state,
 )
-from .data import build_dataset, dataset_classes
+from .data import build_dataset, create_eval_loader, dataset_classes
 from .engine import evaluate, format_seconds, train_one_epoch
 from .plot import plot_summary, trim_summary
 
@@ -210,11 +210,7 @@ def train(args: argparse.Namespace) -> Dict[str, Any]:
         interpolation=args.train_interpolation, mean=data_config['mean'], std=data_config['std'],
         num_workers=args.workers, distributed=args.distributed, pin_memory=pin_mem, device=device,
         use_prefetcher=False, persistent_workers=False)
-    loader_eval = create_loader(
-        dataset_eval, input_size=data_config['input_size'], batch_size=args.batch_size, is_training=False,
-        interpolation=data_config['interpolation'], mean=data_config['mean'], std=data_config['std'],
-        num_workers=args.workers, distributed=args.distributed, crop_pct=data_config['crop_pct'],
-        pin_memory=pin_mem, device=device, use_prefetcher=False, persistent_workers=False)
+    loader_eval = create_eval_loader(dataset_eval, data_config, args, device, distributed=args.distributed)
 
     mixup_fn = None
     if args.mixup > 0 or args.cutmix > 0. or args.cutmix_minmax is not None:
