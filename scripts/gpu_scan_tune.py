@@ -2,7 +2,7 @@
 torch.compile of a model, block-size tuning.
 
 Run on the lent GPU: `PYTHONPATH=. python scripts/gpu_scan_tune.py [stress] [check] [compile] [tune]` (default: all
-four), or `... compare OTHER_FUSED.py` (the backward against another version of fused.py, e.g. `git show
+four), or `... compare OTHER_FUSED.py` (forward and backward against another version of fused.py, e.g. `git show
 REV:hgrn_vision/ops/bihgru/fused.py > /tmp/f.py`). Prints tables; nothing is timed in tests.
 """
 import importlib.util
@@ -86,25 +86,28 @@ def _without_barriers():
 
 
 def compare(path, shapes=((256, 256, 384), (64, 1024, 384), (16, 5329, 384), (256, 256, 192), (1, 256, 192))):
-    """Backward of the current kernels against those of another fused.py (e.g. an earlier commit's), side by side in
-    one run, bf16 and fp32, with the current one's error against float64."""
+    """Forward and backward of the current kernels against those of another fused.py (e.g. an earlier commit's),
+    side by side in one run, bf16 and fp32, with the current one's error against float64."""
     with open(path) as f:
         other = _load_kernels(f.read(), 'fused_other')
     bw = measure_copy_bandwidth(torch.device('cuda'))['copy_gbps']
-    print(f'== backward: current vs {path}; copy bandwidth {bw:.0f} GB/s, GB/s over 8 elements ==')
+    print(f'== current vs {path}; copy bandwidth {bw:.0f} GB/s; GB/s over 5 (forward) or 8 (backward) elements ==')
     for shape, dtype in itertools.product(shapes, (torch.bfloat16, torch.float32)):
         x = inputs(*shape, dtype)
         do = torch.randn(shape[0], shape[1], 2 * shape[2], device='cuda', dtype=dtype)
-        floor = 8 * shape[0] * shape[1] * shape[2] * x[0].element_size()
-        ms = [bench(lambda m=m, x=x, do=do: m.bihgru_bwd(do, *x), rep=100) for m in (fz, other)]
-        gref = float64_reference(x, do)[1:]
-        err = max(rel_err(a, b) for a, b in zip(fz.bihgru_bwd(do, *x), gref))
-        pct = [100 * floor / t / 1e6 / bw for t in ms]
-        print(f'{str(shape):>18} {str(dtype)[6:]:>9}  current {ms[0] * 1e3:8.1f} us {pct[0]:5.1f}%'
-              f'   other {ms[1] * 1e3:8.1f} us {pct[1]:5.1f}%   speed-up {ms[1] / ms[0]:5.2f}x'
-              f'   current max rel. err {err:.1e}')
-        sys.stdout.flush()
-        del x, do, gref
+        ref = float64_reference(x, do)
+        for name, elems, run, got in (
+                ('fwd', 5, lambda m: m.bihgru_fwd(*x), [fz.bihgru_fwd(*x)]),
+                ('bwd', 8, lambda m: m.bihgru_bwd(do, *x), fz.bihgru_bwd(do, *x))):
+            floor = elems * shape[0] * shape[1] * shape[2] * x[0].element_size()
+            ms = [bench(lambda m=m: run(m), rep=100) for m in (fz, other)]
+            err = max(rel_err(a, b) for a, b in zip(got, ref if name == 'fwd' else ref[1:]))
+            pct = [100 * floor / t / 1e6 / bw for t in ms]
+            print(f'{name} {str(shape):>18} {str(dtype)[6:]:>9}  current {ms[0] * 1e3:8.1f} us {pct[0]:5.1f}%'
+                  f'   other {ms[1] * 1e3:8.1f} us {pct[1]:5.1f}%   speed-up {ms[1] / ms[0]:5.2f}x'
+                  f'   current max rel. err {err:.1e}')
+            sys.stdout.flush()
+        del x, do, ref
         torch.cuda.empty_cache()
 
 
@@ -146,39 +149,35 @@ def bench(fn, rep=200):
     return triton.testing.do_bench(fn, warmup=25, rep=rep, return_mode='median')
 
 
-def _time_cfgs(label, shapes, cfgs, run, floor_elems, unroll_name):
-    for shape in shapes:
-        x = inputs(*shape, torch.bfloat16)
-        do = torch.randn(shape[0], shape[1], 2 * shape[2], device='cuda', dtype=torch.bfloat16)
-        floor = floor_elems * shape[0] * shape[1] * shape[2] * 2
-        for cfg in cfgs:
-            fz.BLOCK_C, fz.WARPS, fz.PROGRAMS_PER_SM = cfg[0], cfg[1], cfg[3]
-            if unroll_name:
-                setattr(fz, unroll_name, cfg[2])
-            try:
-                ms = bench(lambda: run(x, do), rep=100)
-            except Exception as e:  # noqa: BLE001  (a config that does not compile is reported, not fatal)
-                print(label, shape, cfg, 'failed', type(e).__name__, str(e)[:200])
-                continue
-            print(f'{label} {str(shape):>18} BC={cfg[0]:<4} w={cfg[1]} U={cfg[2]:<3} P/SM={cfg[3]:<3} '
-                  f'{ms * 1e3:9.1f} us {floor / ms / 1e6:8.0f} GB/s {100 * floor / ms / 1e6 / BW[0]:5.1f}%')
-            sys.stdout.flush()
+def _time_cfgs(label, shape, run, floor_elems):
+    x = inputs(*shape, torch.bfloat16)
+    do = torch.randn(shape[0], shape[1], 2 * shape[2], device='cuda', dtype=torch.bfloat16)
+    floor = floor_elems * shape[0] * shape[1] * shape[2] * 2
+    for cfg in CFGS:
+        fz.BLOCK_C, fz.WARPS, fz.PROGRAMS_PER_SM = cfg
+        try:
+            ms = bench(lambda: run(x, do), rep=100)
+        except Exception as e:  # noqa: BLE001  (a config that does not compile is reported, not fatal)
+            print(label, shape, cfg, 'failed', type(e).__name__, str(e)[:200])
+            continue
+        print(f'{label} {str(shape):>18} BC={cfg[0]:<4} w={cfg[1]} P/SM={cfg[2]:<3} '
+              f'{ms * 1e3:9.1f} us {floor / ms / 1e6:8.0f} GB/s {100 * floor / ms / 1e6 / BW[0]:5.1f}%')
+        sys.stdout.flush()
 
 
 BW = [1.]
-# (BLOCK_C, WARPS, rows per group, PROGRAMS_PER_SM)
-CFGS = [(64, 2, 4, 8), (64, 2, 2, 8), (64, 2, 4, 16), (32, 1, 4, 16), (32, 1, 2, 16), (128, 4, 4, 8)]
+# (BLOCK_C, WARPS, PROGRAMS_PER_SM); rows per group are fixed (GROUP)
+CFGS = [(64, 2, 8), (64, 2, 16), (32, 1, 16), (32, 1, 8), (128, 4, 8)]
 
 
 def tune(bw):
     BW[0] = bw
     print(f'== copy bandwidth {bw:.0f} GB/s; forward GB/s over 5 elements, backward over 8 ==')
-    shapes = [(256, 256, 384), (16, 5329, 384), (1, 256, 192)]
-    defaults = fz.BLOCK_C, fz.WARPS, fz.FWD_UNROLL, fz.PROGRAMS_PER_SM
-    for shape in shapes:
-        _time_cfgs('fwd', [shape], CFGS, lambda x, do: fz.bihgru_fwd(*x), 5, 'FWD_UNROLL')
-        _time_cfgs('bwd', [shape], CFGS, lambda x, do: fz.bihgru_bwd(do, *x), 8, None)
-    fz.BLOCK_C, fz.WARPS, fz.FWD_UNROLL, fz.PROGRAMS_PER_SM = defaults
+    defaults = fz.BLOCK_C, fz.WARPS, fz.PROGRAMS_PER_SM
+    for shape in [(256, 256, 384), (16, 5329, 384), (1, 256, 192)]:
+        _time_cfgs('fwd', shape, lambda x, do: fz.bihgru_fwd(*x), 5)
+        _time_cfgs('bwd', shape, lambda x, do: fz.bihgru_bwd(do, *x), 8)
+    fz.BLOCK_C, fz.WARPS, fz.PROGRAMS_PER_SM = defaults
 
 
 def compile_model():

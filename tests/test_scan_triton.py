@@ -43,7 +43,6 @@ def test_triton_fp32_matches_float64(B, N, C):
 def test_triton_chunked_two_level_scan(monkeypatch):
     """Sequences longer than a chunk: chunk summaries, then carries folded in; forced here with tiny chunks."""
     monkeypatch.setattr(fused, 'MIN_CHUNK', 4)
-    monkeypatch.setattr(fused, 'FWD_UNROLL', 2)
     B, N, C = 2, 19, 3
     n_cblocks, n_chunks, chunk_len = fused._chunks(B, N, C, torch.device('cpu'))
     assert n_chunks > 2 and chunk_len < N

@@ -1,11 +1,12 @@
 """Fused Triton kernels of the bidirectional HGRU scan, forward and backward.
 
-A program owns `BLOCK_C` channels (one per thread) of one batch row and walks the tokens one at a time, the loads
-of a group of rows issued together so that their latencies overlap (the group's stores come after all its
-loads: a store before a load that may alias it would make the load wait). The forward makes a forward sweep that writes
-hf, then a reverse sweep over the same rows that re-reads u, z and hf (from cache while the rows stay in L2) and
-adds hr. No flipped copies, no gates or states materialised by PyTorch, fp32 state for any input dtype. Measured
-speed and its limits: docs/PERF.md.
+A program owns `BLOCK_C` channels (one per thread) of one batch row and walks the tokens one at a time, in groups of
+4 rows whose loads are issued together so that their latencies overlap (a group's stores come after all its loads: a
+store before a load that may alias it would make the load wait). The forward makes a forward sweep that runs hf and
+stashes only the state entering each group (2 fp32 per group and channel), then a reverse sweep, a group at a time,
+that re-reads the group's u and z (from L2 while the rows stay cached), recomputes its hf from the stash in registers,
+runs hr and writes hf + hr once. No flipped copies, no gates or states materialised by PyTorch, fp32 state for any
+input dtype. Measured speed and its limits: docs/PERF.md.
 
 When B x C alone cannot fill the GPU (long sequences, small batches) the sequence is split into chunks run by
 separate programs, a two-level scan: a first launch writes each chunk's map `h -> A h + b` per recurrence (from a
@@ -23,7 +24,6 @@ recomputes hf_{t-1} and dr_t inside the group in registers and walks the rows ba
 Nothing divides by a gate. Per-channel gradients (gamma, theta_f, theta_r) are fp32 partials per program, reduced
 once afterwards.
 """
-import math
 import os
 from typing import Tuple
 
@@ -31,12 +31,13 @@ import torch
 import triton
 import triton.language as tl
 
-# channels per program (one per thread), warps, rows per group (their loads issued together), programs per SM to
-# aim for, the shortest chunk when a sequence is split. From sweeps on an H100 (scripts/gpu_scan_tune.py tune,
-# docs/PERF.md): the kernels are latency-bound, so small programs and few registers (more resident warps) win.
-BLOCK_C, WARPS, FWD_UNROLL, PROGRAMS_PER_SM, MIN_CHUNK = 64, 2, 4, 8, 64
-# rows per group of the backward: fixed, its reverse sweep is written out for 4 rows held as separate values
-BWD_GROUP = 4
+# channels per program (one per thread), warps, programs per SM to aim for, the shortest chunk when a sequence is
+# split. From sweeps on an H100 (scripts/gpu_scan_tune.py tune, docs/PERF.md): the kernels are latency-bound, so
+# small programs and few registers (more resident warps) win.
+BLOCK_C, WARPS, PROGRAMS_PER_SM, MIN_CHUNK = 64, 2, 8, 64
+# rows per group (their loads issued together; one stashed state per group): fixed, both reverse sweeps are written
+# out for 4 rows held as separate values
+GROUP = 4
 
 
 @triton.jit
@@ -137,9 +138,9 @@ def _store_map(p, s_ss, SLOT: tl.constexpr, cmask, Ar, Ai, Br, Bi):
 
 @triton.jit
 def _bihgru_fwd_kernel(
-        u_ptr, z_ptr, gamma_ptr, tf_ptr, tr_ptr, out_ptr, sum_ptr,
+        u_ptr, z_ptr, gamma_ptr, tf_ptr, tr_ptr, out_ptr, sum_ptr, scr_ptr,
         N, C, n_chunks, chunk_len,
-        s_ub, s_un, s_zb, s_zn, s_ob, s_on, s_sb, s_sk, s_ss,
+        s_ub, s_un, s_zb, s_zn, s_ob, s_on, s_sb, s_sk, s_ss, s_xb, s_xn,
         BLOCK_C: tl.constexpr, UNROLL: tl.constexpr, SUMMARY: tl.constexpr,
 ):
     """Token by token, BLOCK_C channels wide: a forward sweep writes hf, a reverse sweep adds hr (rows still cached).
@@ -169,39 +170,56 @@ def _bihgru_fwd_kernel(
         _store_map(p, s_ss, 0, cmask, afr_t, afi_t, hfr, hfi)
         _store_map(p, s_ss, 4, cmask, arr_t, ari_t, hrr, hri)
     else:
+        tl.static_assert(UNROLL == 4, 'the reverse sweep below is written out for groups of 4 rows (GROUP)')
+        # forward sweep: hf over the chunk, only the state entering each group of 4 rows stashed (2 floats)
         hr_, hi_ = _fold_carries(sum_ptr + b * s_sb, s_sk, s_ss, cs, cmask, k, n_chunks, 0, True)
-        for g in range(t0, t1, UNROLL):
-            hr_t, hi_t = tile0, tile0
-            for r in tl.static_range(UNROLL):
-                t = g + r
-                m = cmask & (t < t1)
-                lam, vr, vi = _row_gates(ub + t * s_un, zb + t * s_zn, cs, m, gamma)
-                ar, ai = lam * cf, lam * sf
-                hr_, hi_ = ar * hr_ - ai * hi_ + vr, ar * hi_ + ai * hr_ + vi
-                hr_t, hi_t = _put(hr_t, ridx, r, hr_), _put(hi_t, ridx, r, hi_)
-            # one store per group, after all its loads: the loads never queue behind stores that might alias them
+        for g in range(t0, t1, 4):
+            x = scr_ptr + b * s_xb + (g // 4) * s_xn + cs
+            tl.store(x, hr_, mask=cmask)
+            tl.store(x + C, hi_, mask=cmask)
+            for r in tl.static_range(4):
+                m = cmask & (g + r < t1)
+                lam, vr, vi = _row_gates(ub + (g + r) * s_un, zb + (g + r) * s_zn, cs, m, gamma)
+                hr_, hi_ = _step(hr_, hi_, lam, vr, vi, cf, sf)
+        tl.debug_barrier()  # the reverse sweep reads the stash just written: order those stores before its loads
+        # reverse sweep, a group at a time from the last: the group's gates once, hf recomputed from the stash going
+        # up, hr going down, hf + hr written once
+        hr_, hi_ = _fold_carries(sum_ptr + b * s_sb, s_sk, s_ss, cs, cmask, k, n_chunks, 4, False)
+        n_groups = tl.cdiv(t1 - t0, 4)
+        for j in range(0, n_groups):
+            g = t0 + (n_groups - 1 - j) * 4
+            x = scr_ptr + b * s_xb + (g // 4) * s_xn + cs
+            fr, fi = tl.load(x, mask=cmask, other=0.), tl.load(x + C, mask=cmask, other=0.)
+            m0, m1, m2, m3 = cmask & (g < t1), cmask & (g + 1 < t1), cmask & (g + 2 < t1), cmask & (g + 3 < t1)
+            l0, vr0, vi0 = _row_gates(ub + g * s_un, zb + g * s_zn, cs, m0, gamma)
+            l1, vr1, vi1 = _row_gates(ub + (g + 1) * s_un, zb + (g + 1) * s_zn, cs, m1, gamma)
+            l2, vr2, vi2 = _row_gates(ub + (g + 2) * s_un, zb + (g + 2) * s_zn, cs, m2, gamma)
+            l3, vr3, vi3 = _row_gates(ub + (g + 3) * s_un, zb + (g + 3) * s_zn, cs, m3, gamma)
+            # rows past t1 (only in the sequence's last group, whose incoming hr is 0) have lam = v = 0: h stays 0
+            fr0, fi0 = _step(fr, fi, l0, vr0, vi0, cf, sf)
+            fr1, fi1 = _step(fr0, fi0, l1, vr1, vi1, cf, sf)
+            fr2, fi2 = _step(fr1, fi1, l2, vr2, vi2, cf, sf)
+            fr3, fi3 = _step(fr2, fi2, l3, vr3, vi3, cf, sf)
+            hr_, hi_ = _step(hr_, hi_, l3, vr3, vi3, cr_, sr_)
+            o_r, o_i = _put(tile0, ridx, 3, fr3 + hr_), _put(tile0, ridx, 3, fi3 + hi_)
+            hr_, hi_ = _step(hr_, hi_, l2, vr2, vi2, cr_, sr_)
+            o_r, o_i = _put(o_r, ridx, 2, fr2 + hr_), _put(o_i, ridx, 2, fi2 + hi_)
+            hr_, hi_ = _step(hr_, hi_, l1, vr1, vi1, cr_, sr_)
+            o_r, o_i = _put(o_r, ridx, 1, fr1 + hr_), _put(o_i, ridx, 1, fi1 + hi_)
+            hr_, hi_ = _step(hr_, hi_, l0, vr0, vi0, cr_, sr_)
+            o_r, o_i = _put(o_r, ridx, 0, fr0 + hr_), _put(o_i, ridx, 0, fi0 + hi_)
             rows = g + ridx
             mt = (rows < t1)[:, None] & cmask[None, :]
             o = ob + rows[:, None] * s_on + cl[None, :]
-            tl.store(o, hr_t.to(out_ptr.dtype.element_ty), mask=mt)
-            tl.store(o + C, hi_t.to(out_ptr.dtype.element_ty), mask=mt)
-        tl.debug_barrier()  # the reverse sweep re-reads hf just written: order those stores before its loads
-        hr_, hi_ = _fold_carries(sum_ptr + b * s_sb, s_sk, s_ss, cs, cmask, k, n_chunks, 4, False)
-        for g in range(0, t1 - t0, UNROLL):
-            hr_t, hi_t = tile0, tile0
-            for r in tl.static_range(UNROLL):
-                t = t1 - 1 - g - r
-                m = cmask & (t >= t0)
-                lam, vr, vi = _row_gates(ub + t * s_un, zb + t * s_zn, cs, m, gamma)
-                ar, ai = lam * cr_, lam * sr_
-                hr_, hi_ = ar * hr_ - ai * hi_ + vr, ar * hi_ + ai * hr_ + vi
-                hr_t, hi_t = _put(hr_t, ridx, r, hr_), _put(hi_t, ridx, r, hi_)
-            rows = t1 - 1 - g - ridx  # descending, as r
-            mt = (rows >= t0)[:, None] & cmask[None, :]
-            o = ob + rows[:, None] * s_on + cl[None, :]
-            fr_t, fi_t = _load_complex(o, C, mt)  # hf
-            tl.store(o, (fr_t + hr_t).to(out_ptr.dtype.element_ty), mask=mt)
-            tl.store(o + C, (fi_t + hi_t).to(out_ptr.dtype.element_ty), mask=mt)
+            tl.store(o, o_r.to(out_ptr.dtype.element_ty), mask=mt)
+            tl.store(o + C, o_i.to(out_ptr.dtype.element_ty), mask=mt)
+
+
+@triton.jit
+def _step(hr_, hi_, lam, vr, vi, c, s):
+    """One step h <- lam e^{i theta} h + v of a complex recurrence (c, s = cos, sin theta)."""
+    ar, ai = lam * c, lam * s
+    return ar * hr_ - ai * hi_ + vr, ar * hi_ + ai * hr_ + vi
 
 
 @triton.jit
@@ -262,7 +280,7 @@ def _bihgru_bwd_kernel(
         _store_map(p, s_ss, 8, cmask, Pfr, Pfi, Qfr, Qfi)
         _store_map(p, s_ss, 12, cmask, Prr, Pri, Qrr, Qri)
     else:
-        tl.static_assert(UNROLL == 4, 'the reverse sweep below is written out for groups of 4 rows (BWD_GROUP)')
+        tl.static_assert(UNROLL == 4, 'the reverse sweep below is written out for groups of 4 rows (GROUP)')
         sp = sum_ptr + b * s_sb
         # forward sweep: hf and dr over the chunk; each group's entering (hf, dr, lam) stashed, 5 floats per group
         hr_, hi_ = _fold_carries(sp, s_sk, s_ss, cs, cmask, k, n_chunks, 0, True)
@@ -330,11 +348,8 @@ def _fwd_row(ub, zb, db, s_un, s_zn, s_dn, cs, C, gamma, cf, sf, cr_, sr_, t, t1
     gr, gi = _load_complex(db + t * s_dn + cs, C, m)
     lam = gamma + (1. - gamma) * tl.sigmoid(z)
     w = 1. - lam
-    dr_r, dr_i = lam_prev * cr_, -lam_prev * sr_
-    er_n, ei_n = dr_r * er - dr_i * ei + gr, dr_r * ei + dr_i * er + gi
-    ar, ai = lam * cf, lam * sf
-    vr, vi = w * ur * tl.sigmoid(ur), w * ui * tl.sigmoid(ui)
-    hr_n, hi_n = ar * hr_ - ai * hi_ + vr, ar * hi_ + ai * hr_ + vi
+    er_n, ei_n = _step(er, ei, lam_prev, gr, gi, cr_, -sr_)
+    hr_n, hi_n = _step(hr_, hi_, lam, w * ur * tl.sigmoid(ur), w * ui * tl.sigmoid(ui), cf, sf)
     row = (z, ur, ui, gr, gi, hr_, hi_, er_n, ei_n)
     return row, (tl.where(m, hr_n, hr_), tl.where(m, hi_n, hi_), tl.where(m, er_n, er), tl.where(m, ei_n, ei),
                  tl.where(m, lam, lam_prev))
@@ -360,8 +375,7 @@ def _grad_row(st, row, t, t1, cmask, gamma, cf, sf, cr_, sr_):
     qrr, qri = er * hnr + ei * hni, ei * hnr - er * hni
     dlam = tl.where(m, qfr + qrr - (dvr * cre + dvi * cim), 0.)
     w = 1. - lam
-    ar, ai = lam * cr_, lam * sr_
-    hr_n, hi_n = ar * hr_ - ai * hi_ + w * cre, ar * hi_ + ai * hr_ + w * cim
+    hr_n, hi_n = _step(hr_, hi_, lam, w * cre, w * cim, cr_, sr_)
     st = (tl.where(m, hr_n, hr_), tl.where(m, hi_n, hi_), tl.where(m, fr_n, fr), tl.where(m, fi_n, fi),
           tl.where(m, lam, lam_next), dgam + dlam * (1. - sig), dthf + tl.where(m, lam * qfi, 0.),
           dthr + tl.where(m, lam * qri, 0.))
@@ -380,8 +394,7 @@ def _chunks(B: int, N: int, C: int, device: torch.device) -> Tuple[int, int, int
     n_cblocks = triton.cdiv(C, BLOCK_C)
     target = PROGRAMS_PER_SM * _num_sms(device)
     n_chunks = 1 if B * n_cblocks >= target else min(triton.cdiv(2 * target, B * n_cblocks), triton.cdiv(N, MIN_CHUNK))
-    unroll = math.lcm(FWD_UNROLL, BWD_GROUP)  # whole groups per chunk
-    chunk_len = triton.cdiv(triton.cdiv(N, max(n_chunks, 1)), unroll) * unroll
+    chunk_len = triton.cdiv(triton.cdiv(N, max(n_chunks, 1)), GROUP) * GROUP  # whole groups per chunk
     return n_cblocks, triton.cdiv(N, chunk_len), chunk_len
 
 
@@ -392,10 +405,12 @@ def bihgru_fwd(u, z, gamma, theta_f, theta_r) -> torch.Tensor:
     out = torch.empty(B, N, 2 * C, device=u.device, dtype=u.dtype)
     n_cblocks, n_chunks, chunk_len = _chunks(B, N, C, u.device)
     summ = torch.empty(B, n_chunks, 8, C, device=u.device, dtype=torch.float32) if n_chunks > 1 else out
+    stash = torch.empty(B, triton.cdiv(N, GROUP), 2 * C, device=u.device, dtype=torch.float32)
     grid = (n_cblocks, B, n_chunks)
-    args = (u, z, gamma, theta_f, theta_r, out, summ, N, C, n_chunks, chunk_len, u.stride(0), u.stride(1),
-            z.stride(0), z.stride(1), out.stride(0), out.stride(1), *_sum_strides(summ, n_chunks))
-    meta = dict(BLOCK_C=BLOCK_C, UNROLL=FWD_UNROLL, num_warps=WARPS)
+    args = (u, z, gamma, theta_f, theta_r, out, summ, stash, N, C, n_chunks, chunk_len, u.stride(0), u.stride(1),
+            z.stride(0), z.stride(1), out.stride(0), out.stride(1), *_sum_strides(summ, n_chunks), stash.stride(0),
+            stash.stride(1))
+    meta = dict(BLOCK_C=BLOCK_C, UNROLL=GROUP, num_warps=WARPS)
     if n_chunks > 1:
         _bihgru_fwd_kernel[grid](*args, SUMMARY=True, **meta)
     _bihgru_fwd_kernel[grid](*args, SUMMARY=False, **meta)
@@ -411,13 +426,13 @@ def bihgru_bwd(dout, u, z, gamma, theta_f, theta_r):
     n_cblocks, n_chunks, chunk_len = _chunks(B, N, C, u.device)
     part = torch.empty(B, n_chunks, 3, C, device=u.device, dtype=torch.float32)
     summ = torch.empty(B, n_chunks, 16, C, device=u.device, dtype=torch.float32) if n_chunks > 1 else part
-    stash = torch.empty(B, triton.cdiv(N, BWD_GROUP), 5 * C, device=u.device, dtype=torch.float32)
+    stash = torch.empty(B, triton.cdiv(N, GROUP), 5 * C, device=u.device, dtype=torch.float32)
     grid = (n_cblocks, B, n_chunks)
     args = (u, z, gamma, theta_f, theta_r, dout, du, dz, part, summ, stash, N, C, n_chunks, chunk_len,
             u.stride(0), u.stride(1), z.stride(0), z.stride(1), dout.stride(0), dout.stride(1),
             du.stride(0), du.stride(1), dz.stride(0), dz.stride(1), *_sum_strides(summ, n_chunks),
             *part.stride()[:3], stash.stride(0), stash.stride(1))
-    meta = dict(BLOCK_C=BLOCK_C, UNROLL=BWD_GROUP, num_warps=WARPS)
+    meta = dict(BLOCK_C=BLOCK_C, UNROLL=GROUP, num_warps=WARPS)
     if n_chunks > 1:
         _bihgru_bwd_kernel[grid](*args, SUMMARY=True, **meta)
     _bihgru_bwd_kernel[grid](*args, SUMMARY=False, **meta)
