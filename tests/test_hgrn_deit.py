@@ -2,8 +2,10 @@
 import pytest
 import timm
 import torch
+from timm.layers import PatchEmbed
 
 import hgrn_vision  # noqa: F401  (registers the entries)
+from hgrn_vision.layers import LinearPatchEmbed
 from hgrn_vision.models.hgrn_deit import HgrnDeit
 
 TINY = dict(embed_dim=16, depth=3)  # small stand-in for fast API tests
@@ -195,3 +197,18 @@ def test_checkpoint_of_other_width_is_refused(tmp_path):
     torch.save(timm.create_model('hgrn_deit_tiny', **TINY | dict(embed_dim=24)).state_dict(), path)
     with pytest.raises(ValueError, match=r'does not fit this model \(embed_dim=16, depth=3\).*lower_bounds'):
         timm.create_model('hgrn_deit_tiny', **TINY, pretrained=True, pretrained_cfg_overlay=dict(file=str(path)))
+
+
+@pytest.mark.parametrize('in_chans,patch,size', [(3, 14, (30, 43)), (1, 4, (28, 28)), (2, (3, 5), (7, 11))])
+def test_linear_patch_embed_equals_timm_conv(in_chans, patch, size):
+    """The matmul patch embedding gives timm's conv PatchEmbed's output (padding included) with the same weights."""
+    kw = dict(img_size=None, patch_size=patch, in_chans=in_chans, embed_dim=6, output_fmt='NHWC', strict_img_size=False,
+              dynamic_img_pad=True)
+    torch.manual_seed(0)
+    ours, conv = LinearPatchEmbed(**kw), PatchEmbed(**kw)
+    conv.load_state_dict(ours.state_dict())
+    x = torch.randn(2, in_chans, *size, dtype=torch.float64)
+    ours, conv = ours.double(), conv.double()
+    torch.testing.assert_close(ours(x), conv(x))
+    with pytest.raises(ValueError, match='NHWC'):
+        LinearPatchEmbed(**{**kw, 'output_fmt': 'NCHW'})

@@ -14,12 +14,12 @@ from typing import Any, Dict, List, Optional, Set, Tuple, Union
 import torch
 import torch.nn as nn
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
-from timm.layers import DropPath, GluMlp, PatchEmbed, register_notrace_function, trunc_normal_
+from timm.layers import DropPath, GluMlp, register_notrace_function, trunc_normal_
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 from timm.models._features import feature_take_indices
 from timm.models._manipulate import checkpoint
 
-from hgrn_vision.layers import HgruMixer
+from hgrn_vision.layers import HgruMixer, LinearPatchEmbed
 
 __all__ = ['HgrnDeit', 'checkpoint_filter_fn', 'check_image_input']
 
@@ -136,7 +136,7 @@ class HgrnDeit(nn.Module):
         self.output_fmt = 'NHWC'
         self.grad_checkpointing = False
 
-        self.patch_embed = PatchEmbed(
+        self.patch_embed = LinearPatchEmbed(
             img_size=img_size,
             patch_size=patch_size,
             in_chans=in_chans,
