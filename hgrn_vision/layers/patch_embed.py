@@ -21,11 +21,11 @@ class LinearPatchEmbed(PatchEmbed):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         p, q = self.patch_size
-        pad_h, pad_w = -x.shape[2] % p, -x.shape[3] % q
-        if pad_h or pad_w:
-            if not self.dynamic_img_pad:
-                raise ValueError(f'Input size {tuple(x.shape[2:])} is not a multiple of the patch size {(p, q)}.')
-            x = F.pad(x, (0, pad_w, 0, pad_h))
+        if self.dynamic_img_pad:  # unconditionally, as timm does: no branch on sizes, so FX can trace it
+            x = F.pad(x, (0, -x.shape[3] % q, 0, -x.shape[2] % p))
+        else:
+            torch._assert(x.shape[2] % p == 0, f'Input height is not a multiple of the patch height {p}.')
+            torch._assert(x.shape[3] % q == 0, f'Input width is not a multiple of the patch width {q}.')
         B, C, H, W = x.shape
         x = x.reshape(B, C, H // p, p, W // q, q).permute(0, 2, 4, 1, 3, 5).reshape(B, H // p, W // q, C * p * q)
         x = F.linear(x, self.proj.weight.flatten(1), self.proj.bias)
