@@ -150,11 +150,14 @@ def bench(fn, rep=200):
 
 
 def _time_cfgs(label, shape, run, floor_elems):
+    """Time `run` at `shape` (bf16) with each of CFGS as the `label` kernel's 16-bit config ('FWD_CFG' or 'BWD_CFG')."""
     x = inputs(*shape, torch.bfloat16)
     do = torch.randn(shape[0], shape[1], 2 * shape[2], device='cuda', dtype=torch.bfloat16)
     floor = floor_elems * shape[0] * shape[1] * shape[2] * 2
+    cfgs = getattr(fz, label)
+    default = cfgs[2]
     for cfg in CFGS:
-        fz.BLOCK_C, fz.WARPS, fz.PROGRAMS_PER_SM = cfg
+        cfgs[2] = cfg
         try:
             ms = bench(lambda: run(x, do), rep=100)
         except Exception as e:  # noqa: BLE001  (a config that does not compile is reported, not fatal)
@@ -163,21 +166,20 @@ def _time_cfgs(label, shape, run, floor_elems):
         print(f'{label} {str(shape):>18} BC={cfg[0]:<4} w={cfg[1]} P/SM={cfg[2]:<3} '
               f'{ms * 1e3:9.1f} us {floor / ms / 1e6:8.0f} GB/s {100 * floor / ms / 1e6 / BW[0]:5.1f}%')
         sys.stdout.flush()
+    cfgs[2] = default
 
 
 BW = [1.]
-# (BLOCK_C, WARPS, PROGRAMS_PER_SM); rows per group are fixed (GROUP)
-CFGS = [(64, 2, 8), (64, 2, 16), (32, 1, 16), (32, 1, 8), (128, 4, 8)]
+# (BLOCK_C, WARPS, PROGRAMS_PER_SM) as in fused.FWD_CFG / BWD_CFG; rows per group are fixed (GROUP)
+CFGS = [(64, 2, 8), (64, 2, 16), (64, 2, 32), (32, 1, 16), (32, 1, 8), (128, 4, 8)]
 
 
 def tune(bw):
     BW[0] = bw
     print(f'== copy bandwidth {bw:.0f} GB/s; forward GB/s over 5 elements, backward over 8 ==')
-    defaults = fz.BLOCK_C, fz.WARPS, fz.PROGRAMS_PER_SM
     for shape in [(256, 256, 384), (16, 5329, 384), (1, 256, 192)]:
-        _time_cfgs('fwd', shape, lambda x, do: fz.bihgru_fwd(*x), 5)
-        _time_cfgs('bwd', shape, lambda x, do: fz.bihgru_bwd(do, *x), 8)
-    fz.BLOCK_C, fz.WARPS, fz.PROGRAMS_PER_SM = defaults
+        _time_cfgs('FWD_CFG', shape, lambda x, do: fz.bihgru_fwd(*x), 5)
+        _time_cfgs('BWD_CFG', shape, lambda x, do: fz.bihgru_bwd(do, *x), 8)
 
 
 def compile_model():
