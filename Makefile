@@ -16,7 +16,7 @@ test: $(BIN)/.installed
 	$(BIN)/python -m pytest
 
 lint: $(BIN)/.installed
-	$(BIN)/ruff check hgrn_vision tests
+	$(BIN)/ruff check hgrn_vision tests scripts benchmark.py train.py validate.py
 
 # `make demo`: get Fashion-MNIST (Debian package or torchvision download), train an HGRN-DeiT on it and validate on
 # the 10k test images, ending with the JSON result. The GPU recipe runs when torch sees a GPU, else the CPU one.

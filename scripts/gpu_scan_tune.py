@@ -97,8 +97,8 @@ def compare(path, shapes=((256, 256, 384), (64, 1024, 384), (16, 5329, 384), (25
         do = torch.randn(shape[0], shape[1], 2 * shape[2], device='cuda', dtype=dtype)
         ref = float64_reference(x, do)
         for name, elems, run, got in (
-                ('fwd', 5, lambda m: m.bihgru_fwd(*x), [fz.bihgru_fwd(*x)]),
-                ('bwd', 8, lambda m: m.bihgru_bwd(do, *x), fz.bihgru_bwd(do, *x))):
+                ('fwd', 5, lambda m, x=x: m.bihgru_fwd(*x), [fz.bihgru_fwd(*x)]),
+                ('bwd', 8, lambda m, x=x, do=do: m.bihgru_bwd(do, *x), fz.bihgru_bwd(do, *x))):
             floor = elems * shape[0] * shape[1] * shape[2] * x[0].element_size()
             ms = [bench(lambda m=m: run(m), rep=100) for m in (fz, other)]
             err = max(rel_err(a, b) for a, b in zip(got, ref if name == 'fwd' else ref[1:]))
