@@ -44,7 +44,7 @@ def test_triton_chunked_two_level_scan(monkeypatch):
     """Sequences longer than a chunk: chunk summaries, then carries folded in; forced here with tiny chunks."""
     monkeypatch.setattr(fused, 'MIN_CHUNK', 4)
     B, N, C = 2, 19, 3
-    n_cblocks, n_chunks, chunk_len = fused._chunks(B, N, C, torch.device('cpu'), *fused.FWD_CFG[4][::2])
+    n_cblocks, n_chunks, chunk_len = fused._chunks(B, N, C, torch.device('cpu'), fused.FWD_CFG[4])
     assert n_chunks > 2 and chunk_len < N
     errs = _errors(make_scan_inputs(B, N, C, dtype=torch.float32, seed=3, requires_grad=True))
     assert all(e < 1e-5 for e in errs.values()), errs

@@ -34,8 +34,9 @@ import triton.language as tl
 # (channels per program (one per thread), warps, programs per SM to aim for) of each kernel by input element size,
 # and the shortest chunk when a sequence is split. From sweeps on an H100 (scripts/gpu_scan_tune.py tune / compare,
 # docs/PERF.md): the kernels are latency-bound, so small programs and few registers (more resident warps) win. The
-# 16-bit forward gains from more, smaller programs (1.0-1.26x, 2x at (1, 256, 192)); the fp32 forward loses with
-# them at split shapes (0.83x at (64, 1024, 384)) and the backward gains nothing, so those keep (64, 2, 8).
+# 16-bit forward gains from more, smaller programs (1.07-1.26x at the split and C = 192 shapes, run19); the fp32
+# forward lost with them (0.83x at (64, 1024, 384), a run whose log was lost: docs/PERF.md) and the backward gains
+# nothing, so those keep (64, 2, 8).
 FWD_CFG = {2: (32, 1, 16), 4: (64, 2, 8)}
 BWD_CFG = {2: (64, 2, 8), 4: (64, 2, 8)}
 MIN_CHUNK = 64
@@ -391,10 +392,12 @@ def _num_sms(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count if device.type == 'cuda' else 4
 
 
-def _chunks(B: int, N: int, C: int, device: torch.device, block_c: int, programs_per_sm: int) -> Tuple[int, int, int]:
-    """Channel blocks, chunks and chunk length: split the sequence only when B x C alone cannot fill the GPU
-    (`programs_per_sm` programs per SM), and then into enough chunks for twice that: the split costs a summary pass
-    either way, and more, shorter chains hide more latency (measured: docs/PERF.md)."""
+def _chunks(B: int, N: int, C: int, device: torch.device, cfg: Tuple[int, int, int]) -> Tuple[int, int, int]:
+    """Channel blocks, chunks and chunk length for a kernel's `cfg` (an entry of FWD_CFG / BWD_CFG): split the
+    sequence only when B x C alone cannot fill the GPU (the cfg's programs per SM), and then into enough chunks for
+    twice that: the split costs a summary pass either way, and more, shorter chains hide more latency (measured:
+    docs/PERF.md)."""
+    block_c, _, programs_per_sm = cfg
     n_cblocks = triton.cdiv(C, block_c)
     target = programs_per_sm * _num_sms(device)
     n_chunks = 1 if B * n_cblocks >= target else min(triton.cdiv(2 * target, B * n_cblocks), triton.cdiv(N, MIN_CHUNK))
@@ -407,15 +410,15 @@ def bihgru_fwd(u, z, gamma, theta_f, theta_r) -> torch.Tensor:
     u, z = (t if t.stride(-1) == 1 else t.contiguous() for t in (u, z))
     B, N, C = z.shape
     out = torch.empty(B, N, 2 * C, device=u.device, dtype=u.dtype)
-    block_c, warps, programs_per_sm = FWD_CFG[u.element_size()]
-    n_cblocks, n_chunks, chunk_len = _chunks(B, N, C, u.device, block_c, programs_per_sm)
+    cfg = FWD_CFG[u.element_size()]  # (BLOCK_C, warps, programs per SM)
+    n_cblocks, n_chunks, chunk_len = _chunks(B, N, C, u.device, cfg)
     summ = torch.empty(B, n_chunks, 8, C, device=u.device, dtype=torch.float32) if n_chunks > 1 else out
     stash = torch.empty(B, triton.cdiv(N, GROUP), 2 * C, device=u.device, dtype=torch.float32)
     grid = (n_cblocks, B, n_chunks)
     args = (u, z, gamma, theta_f, theta_r, out, summ, stash, N, C, n_chunks, chunk_len, u.stride(0), u.stride(1),
             z.stride(0), z.stride(1), out.stride(0), out.stride(1), *_sum_strides(summ, n_chunks), stash.stride(0),
             stash.stride(1))
-    meta = dict(BLOCK_C=block_c, UNROLL=GROUP, num_warps=warps)
+    meta = dict(BLOCK_C=cfg[0], UNROLL=GROUP, num_warps=cfg[1])
     if n_chunks > 1:
         _bihgru_fwd_kernel[grid](*args, SUMMARY=True, **meta)
     _bihgru_fwd_kernel[grid](*args, SUMMARY=False, **meta)
@@ -428,8 +431,8 @@ def bihgru_bwd(dout, u, z, gamma, theta_f, theta_r):
     B, N, C = z.shape
     du = torch.empty(u.shape, device=u.device, dtype=u.dtype)
     dz = torch.empty(z.shape, device=z.device, dtype=z.dtype)
-    block_c, warps, programs_per_sm = BWD_CFG[u.element_size()]
-    n_cblocks, n_chunks, chunk_len = _chunks(B, N, C, u.device, block_c, programs_per_sm)
+    cfg = BWD_CFG[u.element_size()]  # (BLOCK_C, warps, programs per SM)
+    n_cblocks, n_chunks, chunk_len = _chunks(B, N, C, u.device, cfg)
     part = torch.empty(B, n_chunks, 3, C, device=u.device, dtype=torch.float32)
     summ = torch.empty(B, n_chunks, 16, C, device=u.device, dtype=torch.float32) if n_chunks > 1 else part
     stash = torch.empty(B, triton.cdiv(N, GROUP), 5 * C, device=u.device, dtype=torch.float32)
@@ -438,7 +441,7 @@ def bihgru_bwd(dout, u, z, gamma, theta_f, theta_r):
             u.stride(0), u.stride(1), z.stride(0), z.stride(1), dout.stride(0), dout.stride(1),
             du.stride(0), du.stride(1), dz.stride(0), dz.stride(1), *_sum_strides(summ, n_chunks),
             *part.stride()[:3], stash.stride(0), stash.stride(1))
-    meta = dict(BLOCK_C=block_c, UNROLL=GROUP, num_warps=warps)
+    meta = dict(BLOCK_C=cfg[0], UNROLL=GROUP, num_warps=cfg[1])
     if n_chunks > 1:
         _bihgru_bwd_kernel[grid](*args, SUMMARY=True, **meta)
     _bihgru_bwd_kernel[grid](*args, SUMMARY=False, **meta)
