@@ -1,9 +1,10 @@
 """GPU session script for the fused scan: repeated runs on poisoned memory, correctness at the benchmark shapes,
-torch.compile of a model, block-size tuning.
+torch.compile of a model, block-size tuning, host overhead.
 
-Run on the lent GPU: `PYTHONPATH=. python scripts/gpu_scan_tune.py [stress] [check] [compile] [tune]` (default: all
-four), or `... compare OTHER_FUSED.py` (forward and backward against another version of fused.py, e.g. `git show
-REV:hgrn_vision/ops/bihgru/fused.py > /tmp/f.py`). Prints tables; nothing is timed in tests.
+Run on the lent GPU: `PYTHONPATH=. python scripts/gpu_scan_tune.py [stress] [check] [compile] [tune] [host]` (default:
+the first four; host: the host-side cost of the op's Python paths), or `... compare OTHER_FUSED.py` (forward and
+backward against another version of fused.py, e.g. `git show REV:hgrn_vision/ops/bihgru/fused.py > /tmp/f.py`).
+Prints tables; nothing is timed in tests.
 """
 import importlib.util
 import inspect
@@ -171,7 +172,7 @@ def _time_cfgs(label, shape, run, floor_elems):
 
 BW = [1.]
 # (BLOCK_C, WARPS, PROGRAMS_PER_SM) as in fused.FWD_CFG / BWD_CFG; rows per group are fixed (GROUP)
-CFGS = [(64, 2, 8), (64, 2, 16), (64, 2, 32), (32, 1, 16), (32, 1, 8), (128, 4, 8)]
+CFGS = [(64, 2, 8), (64, 2, 16), (64, 2, 32), (32, 1, 16), (32, 1, 8), (32, 1, 32), (128, 4, 8)]
 
 
 def tune(bw):
@@ -180,6 +181,47 @@ def tune(bw):
     for shape in [(256, 256, 384), (16, 5329, 384), (1, 256, 192)]:
         _time_cfgs('FWD_CFG', shape, lambda x, do: fz.bihgru_fwd(*x), 5)
         _time_cfgs('BWD_CFG', shape, lambda x, do: fz.bihgru_bwd(do, *x), 8)
+
+
+def _host_us(fn, n=200):
+    """Host wall time per call of `fn` over n calls without a sync, then the same with one sync at the end."""
+    for _ in range(5):
+        fn()
+    torch.cuda.synchronize()
+    t = time.perf_counter()
+    for _ in range(n):
+        fn()
+    host = (time.perf_counter() - t) / n * 1e6
+    torch.cuda.synchronize()
+    t = time.perf_counter()
+    for _ in range(n):
+        fn()
+    torch.cuda.synchronize()
+    return host, (time.perf_counter() - t) / n * 1e6
+
+
+def host_overhead(shapes=((1, 256, 192), (256, 256, 384))):
+    """What the op's Python paths cost the host per call (bf16): pieces of `bihgru_fwd` / `bihgru_bwd`, the kernels'
+    wrappers, the custom ops and a backward through autograd. Where host > the GPU's time, the host bounds it."""
+    print('== host time per call (no syncs in the loop) and wall time with a sync at the end, bf16 ==')
+    for shape in shapes:
+        x = inputs(*shape, torch.bfloat16)
+        xg = [t.detach().clone().requires_grad_() for t in x]
+        do = torch.randn(x[0].shape, device='cuda', dtype=torch.bfloat16)
+        out = bihgru_scan(*xg, impl='triton')
+        cases = {
+            '_chunks': lambda: fz._chunks(shape[0], shape[1], shape[2], x[0].device, fz.BWD_CFG[2]),
+            'get_device_properties': lambda: torch.cuda.get_device_properties(x[0].device),
+            'torch.empty x3': lambda: [torch.empty(shape[0], shape[1], 2 * shape[2], device='cuda') for _ in range(3)],
+            'bihgru_fwd': lambda: fz.bihgru_fwd(*x),
+            'bihgru_bwd': lambda: fz.bihgru_bwd(do, *x),
+            '_bwd_op': lambda: fz._bwd_op(do, *x),
+            'fwd op no_grad': lambda: bihgru_scan(*x, impl='triton'),
+            'autograd.grad': lambda: torch.autograd.grad(out, xg, do, retain_graph=True),
+        }
+        for name, fn in cases.items():
+            h, w = _host_us(fn)
+            print(f'{str(shape):>16} {name:>22}: host {h:8.1f} us/call, synced wall {w:8.1f} us/call')
 
 
 def compile_model():
@@ -210,5 +252,7 @@ if __name__ == '__main__':
         check()
     if 'compile' in what:
         compile_model()
+    if 'host' in what:
+        host_overhead()
     if 'tune' in what:
         tune(measure_copy_bandwidth(torch.device('cuda'))['copy_gbps'])

@@ -21,8 +21,9 @@ Each gradient pairs a forward-order quantity with a reverse-order one. A forward
 only what enters each group of 4 rows (hf, dr, lam: 5 fp32 per group and channel, 5 bytes per (B, N, C) element,
 freed after the call); the reverse sweep, a group at a time, re-loads the group's rows (which it needs anyway),
 recomputes hf_{t-1} and dr_t inside the group in registers and walks the rows backwards beside hr_{t+1} and df_t.
-Nothing divides by a gate. Per-channel gradients (gamma, theta_f, theta_r) are fp32 partials per program, reduced
-once afterwards.
+Both sweeps load the next group's rows (and stash) one group ahead, so that those loads fly while this group
+computes (the same in the forward measured slower at split sequences: docs/PERF.md). Nothing divides by a gate.
+Per-channel gradients (gamma, theta_f, theta_r) are fp32 partials per program, reduced once afterwards.
 """
 import os
 from typing import Tuple
@@ -34,11 +35,12 @@ import triton.language as tl
 # (channels per program (one per thread), warps, programs per SM to aim for) of each kernel by input element size,
 # and the shortest chunk when a sequence is split. From sweeps on an H100 (scripts/gpu_scan_tune.py tune / compare,
 # docs/PERF.md): the kernels are latency-bound, so small programs and few registers (more resident warps) win. The
-# 16-bit forward gains from more, smaller programs (1.07-1.26x at the split and C = 192 shapes, run19); the fp32
-# forward lost with them (0.83x at (64, 1024, 384), a run whose log was lost: docs/PERF.md) and the backward gains
-# nothing, so those keep (64, 2, 8).
+# 16-bit forward gains from more, smaller programs (1.07-1.26x at the split and C = 192 shapes, run19); so does the
+# 16-bit backward once it loads a group ahead (run21: 415 vs 434 us at (256, 256, 384), equal at (16, 5329, 384)).
+# The fp32 forward lost with them (0.83x at (64, 1024, 384), a run whose log was lost: docs/PERF.md) and the fp32
+# configs were not swept again, so they keep (64, 2, 8).
 FWD_CFG = {2: (32, 1, 16), 4: (64, 2, 8)}
-BWD_CFG = {2: (64, 2, 8), 4: (64, 2, 8)}
+BWD_CFG = {2: (32, 1, 16), 4: (64, 2, 8)}
 MIN_CHUNK = 64
 # rows per group (their loads issued together; one stashed state per group): fixed, both reverse sweeps are written
 # out for 4 rows held as separate values
@@ -104,9 +106,33 @@ def _load_row(u_ptr, z_ptr, cs, m):
 
 
 @triton.jit
+def _load_group(ub, zb, s_un, s_zn, cs, m, g, t1):
+    """`_load_row` of the 4 rows from g, as a tuple of 4 rows; rows at or past t1 (all where m is false) read as 0."""
+    return (_load_row(ub + g * s_un, zb + g * s_zn, cs, m & (g < t1)),
+            _load_row(ub + (g + 1) * s_un, zb + (g + 1) * s_zn, cs, m & (g + 1 < t1)),
+            _load_row(ub + (g + 2) * s_un, zb + (g + 2) * s_zn, cs, m & (g + 2 < t1)),
+            _load_row(ub + (g + 3) * s_un, zb + (g + 3) * s_zn, cs, m & (g + 3 < t1)))
+
+
+@triton.jit
+def _load_dout_group(db, s_dn, cs, C, m, g, t1):
+    """`_load_complex` of dout's 4 rows from g (Re g, Im g per row), as `_load_group` does for u and z."""
+    return (_load_complex(db + g * s_dn + cs, C, m & (g < t1)),
+            _load_complex(db + (g + 1) * s_dn + cs, C, m & (g + 1 < t1)),
+            _load_complex(db + (g + 2) * s_dn + cs, C, m & (g + 2 < t1)),
+            _load_complex(db + (g + 3) * s_dn + cs, C, m & (g + 3 < t1)))
+
+
+@triton.jit
 def _row_gates(u_ptr, z_ptr, cs, m, gamma):
     """One token row of BLOCK_C channels (channel stride 1): lam, Re v, Im v in fp32; 0 outside the mask."""
-    z, ur, ui = _load_row(u_ptr, z_ptr, cs, m)
+    return _gates(_load_row(u_ptr, z_ptr, cs, m), m, gamma)
+
+
+@triton.jit
+def _gates(row, m, gamma):
+    """lam, Re v, Im v in fp32 of a row from `_load_row`; 0 outside the mask m."""
+    z, ur, ui = row
     lam = tl.where(m, gamma + (1. - gamma) * _sigmoid(z), 0.)
     w = 1. - lam
     return lam, w * ur * _sigmoid(ur), w * ui * _sigmoid(ui)
@@ -309,14 +335,19 @@ def _bihgru_bwd_kernel(
         hr_, hi_ = _fold_carries(sp, s_sk, s_ss, cs, cmask, k, n_chunks, 0, True)
         er, ei = _fold_carries(sp, s_sk, s_ss, cs, cmask, k, n_chunks, 12, True)
         lam_prev = lam_before
+        rows = _load_group(ub, zb, s_un, s_zn, cs, cmask, t0, t1)
+        grows = _load_dout_group(db, s_dn, cs, C, cmask, t0, t1)
         for g in range(t0, t1, 4):
+            nxt = _load_group(ub, zb, s_un, s_zn, cs, cmask, g + 4, t1)  # in flight while this group computes
+            gnxt = _load_dout_group(db, s_dn, cs, C, cmask, g + 4, t1)
             x = scr_ptr + b * s_xb + (g // 4) * s_xn + cs
             _store_map(x, C, 0, cmask, hr_, hi_, er, ei)
             tl.store(x + 4 * C, lam_prev, mask=cmask)
             for r in tl.static_range(4):
-                _, carry = _fwd_row(ub, zb, db, s_un, s_zn, s_dn, cs, C, gamma, cf, sf, cr_, sr_, g + r, t1, cmask,
+                _, carry = _fwd_row(rows[r], grows[r], gamma, cf, sf, cr_, sr_, cmask & (g + r < t1),
                                     (hr_, hi_, er, ei, lam_prev))
                 hr_, hi_, er, ei, lam_prev = carry
+            rows, grows = nxt, gnxt
         tl.debug_barrier()  # the reverse sweep reads the stash just written: order those stores before its loads
         # reverse sweep, a group at a time from the last: recompute the group's hf_{t-1} and dr_t from its stash
         # (in registers, one value per row), then walk it backwards with hr and df and form the gradients
@@ -325,18 +356,22 @@ def _bihgru_bwd_kernel(
         lam_next = lam_after
         dgam, dthf, dthr = zero, zero, zero
         n_groups = tl.cdiv(t1 - t0, 4)
+        g = t0 + (n_groups - 1) * 4
+        rows = _load_group(ub, zb, s_un, s_zn, cs, cmask, g, t1)
+        grows = _load_dout_group(db, s_dn, cs, C, cmask, g, t1)
+        x = scr_ptr + b * s_xb + (g // 4) * s_xn + cs
+        stash = _load_stash(x, C, cmask)
         for j in range(0, n_groups):
             g = t0 + (n_groups - 1 - j) * 4
-            x = scr_ptr + b * s_xb + (g // 4) * s_xn + cs
-            hr0, hi0, er0, ei0 = _load_map(x, C, 0, cmask)
-            carry = (hr0, hi0, er0, ei0, tl.load(x + 4 * C, mask=cmask, other=0.))
-            row0, carry = _fwd_row(ub, zb, db, s_un, s_zn, s_dn, cs, C, gamma, cf, sf, cr_, sr_, g, t1, cmask, carry)
-            row1, carry = _fwd_row(ub, zb, db, s_un, s_zn, s_dn, cs, C, gamma, cf, sf, cr_, sr_, g + 1, t1, cmask,
-                                   carry)
-            row2, carry = _fwd_row(ub, zb, db, s_un, s_zn, s_dn, cs, C, gamma, cf, sf, cr_, sr_, g + 2, t1, cmask,
-                                   carry)
-            row3, carry = _fwd_row(ub, zb, db, s_un, s_zn, s_dn, cs, C, gamma, cf, sf, cr_, sr_, g + 3, t1, cmask,
-                                   carry)
+            mn = cmask & (j + 1 < n_groups)  # the group before this one, loaded a group ahead
+            nxt = _load_group(ub, zb, s_un, s_zn, cs, mn, g - 4, t1)
+            gnxt = _load_dout_group(db, s_dn, cs, C, mn, g - 4, t1)
+            x = scr_ptr + b * s_xb + (g // 4 - 1) * s_xn + cs
+            snxt = _load_stash(x, C, mn)
+            row0, carry = _fwd_row(rows[0], grows[0], gamma, cf, sf, cr_, sr_, cmask & (g < t1), stash)
+            row1, carry = _fwd_row(rows[1], grows[1], gamma, cf, sf, cr_, sr_, cmask & (g + 1 < t1), carry)
+            row2, carry = _fwd_row(rows[2], grows[2], gamma, cf, sf, cr_, sr_, cmask & (g + 2 < t1), carry)
+            row3, carry = _fwd_row(rows[3], grows[3], gamma, cf, sf, cr_, sr_, cmask & (g + 3 < t1), carry)
             dz_t, dur_t, dui_t = tile0, tile0, tile0
             st = (hr_, hi_, fr, fi, lam_next, dgam, dthf, dthr)
             st, d = _grad_row(st, row3, g + 3, t1, cmask, gamma, cf, sf, cr_, sr_)
@@ -348,12 +383,13 @@ def _bihgru_bwd_kernel(
             st, d = _grad_row(st, row0, g, t1, cmask, gamma, cf, sf, cr_, sr_)
             dz_t, dur_t, dui_t = _put(dz_t, ridx, 0, d[0]), _put(dur_t, ridx, 0, d[1]), _put(dui_t, ridx, 0, d[2])
             hr_, hi_, fr, fi, lam_next, dgam, dthf, dthr = st
-            rows = g + ridx
-            mt = (rows < t1)[:, None] & cmask[None, :]
-            tl.store(dz_ptr + b * s_hb + rows[:, None] * s_hn + cl[None, :], dz_t.to(dz_ptr.dtype.element_ty), mask=mt)
-            dub = du_ptr + b * s_gb + rows[:, None] * s_gn + 2 * cl[None, :]
+            ts = g + ridx
+            mt = (ts < t1)[:, None] & cmask[None, :]
+            tl.store(dz_ptr + b * s_hb + ts[:, None] * s_hn + cl[None, :], dz_t.to(dz_ptr.dtype.element_ty), mask=mt)
+            dub = du_ptr + b * s_gb + ts[:, None] * s_gn + 2 * cl[None, :]
             tl.store(dub, dur_t.to(du_ptr.dtype.element_ty), mask=mt)
             tl.store(dub + 1, dui_t.to(du_ptr.dtype.element_ty), mask=mt)
+            rows, grows, stash = nxt, gnxt, snxt
         pp = part_ptr + b * s_pb + k * s_pk + cs
         tl.store(pp, dgam, mask=cmask)
         tl.store(pp + s_ps, dthf, mask=cmask)
@@ -361,14 +397,20 @@ def _bihgru_bwd_kernel(
 
 
 @triton.jit
-def _fwd_row(ub, zb, db, s_un, s_zn, s_dn, cs, C, gamma, cf, sf, cr_, sr_, t, t1, cmask, carry):
-    """Row t of the backward's forward-order recurrences, from carry = (hf_{t-1}, dr_{t-1}, lam_{t-1}): returns the
-    row (its inputs z, Re u, Im u, Re g, Im g and the states its gradients need, hf_{t-1} and dr_t) and the carry
-    for row t+1 (unchanged past t1)."""
+def _load_stash(x, C, m):
+    """A group's backward stash at x: (hf, dr, lam) entering it, as the forward sweep stored them."""
+    hr_, hi_, er, ei = _load_map(x, C, 0, m)
+    return hr_, hi_, er, ei, tl.load(x + 4 * C, mask=m, other=0.)
+
+
+@triton.jit
+def _fwd_row(row, grow, gamma, cf, sf, cr_, sr_, m, carry):
+    """Row t (masked by m: false past t1) of the backward's forward-order recurrences, from its inputs (row = z, Re u,
+    Im u from `_load_row`, grow = Re g, Im g) and carry = (hf_{t-1}, dr_{t-1}, lam_{t-1}): returns the row (its
+    inputs and the states its gradients need, hf_{t-1} and dr_t) and the carry for row t+1 (unchanged past t1)."""
     hr_, hi_, er, ei, lam_prev = carry
-    m = cmask & (t < t1)
-    z, ur, ui = _load_row(ub + t * s_un, zb + t * s_zn, cs, m)
-    gr, gi = _load_complex(db + t * s_dn + cs, C, m)
+    z, ur, ui = row
+    gr, gi = grow
     lam = gamma + (1. - gamma) * _sigmoid(z)
     w = 1. - lam
     er_n, ei_n = _step(er, ei, lam_prev, gr, gi, cr_, -sr_)
