@@ -1,10 +1,10 @@
 """GPU session script for the fused scan: repeated runs on poisoned memory, correctness at the benchmark shapes,
 torch.compile of a model, block-size tuning, host overhead.
 
-Run on the lent GPU: `PYTHONPATH=. python scripts/gpu_scan_tune.py [stress] [check] [compile] [tune] [host]` (default:
-the first four; host: the host-side cost of the op's Python paths), or `... compare OTHER_FUSED.py` (forward and
-backward against another version of fused.py, e.g. `git show REV:hgrn_vision/ops/bihgru/fused.py > /tmp/f.py`).
-Prints tables; nothing is timed in tests.
+Run on the lent GPU: `PYTHONPATH=. python scripts/gpu_scan_tune.py [stress] [check] [compile] [tune] [host] [onchip]`
+(default: the first four; host: the host-side cost of the op's Python paths; onchip: the one-read forward against
+the two-sweep one), or `... compare OTHER_FUSED.py` (forward and backward against another version of fused.py,
+e.g. `git show REV:hgrn_vision/ops/bihgru/fused.py > /tmp/f.py`). Prints tables; nothing is timed in tests.
 """
 import importlib.util
 import inspect
@@ -224,6 +224,28 @@ def host_overhead(shapes=((1, 256, 192), (256, 256, 384))):
             print(f'{str(shape):>16} {name:>22}: host {h:8.1f} us/call, synced wall {w:8.1f} us/call')
 
 
+def onchip(shapes=((1, 256, 192), (1, 256, 384), (4, 256, 384), (5, 256, 384), (8, 256, 384), (16, 256, 192),
+                   (1, 197, 384), (256, 256, 384))):
+    """The one-read forward against the two-sweep one (each forced), bf16 and fp32, with the kernel that
+    `bihgru_fwd` picks and the one-read output's max rel. error against float64."""
+    print('== forward: one-read vs two-sweep (do_bench us); pick = what bihgru_fwd runs ==')
+    limit = fz.ONCHIP_MAX_N
+    for shape, dtype in itertools.product(shapes, (torch.bfloat16, torch.float32)):
+        x = inputs(*shape, dtype)
+        ref = float64_reference(x, torch.zeros(shape[0], shape[1], 2 * shape[2], device='cuda', dtype=torch.float64))
+        pick = 'one-read' if fz._onchip_fits(*shape, x[0].device) else 'two-sweep'
+        fz.ONCHIP_MAX_N = 0
+        two = bench(lambda: fz.bihgru_fwd(*x), rep=100)
+        fz.ONCHIP_MAX_N, sms = 10 ** 9, fz._num_sms
+        fz._num_sms = lambda device: 10 ** 9
+        err = rel_err(fz.bihgru_fwd(*x), ref[0])
+        one = bench(lambda: fz.bihgru_fwd(*x), rep=100)
+        fz.ONCHIP_MAX_N, fz._num_sms = limit, sms
+        print(f'{str(shape):>16} {str(dtype)[6:]:>9}  one-read {one * 1e3:8.1f} us  two-sweep {two * 1e3:8.1f} us  '
+              f'ratio {two / one:5.2f}x  pick {pick:>9}  one-read err {err:.1e}')
+        sys.stdout.flush()
+
+
 def compile_model():
     import timm
 
@@ -254,5 +276,7 @@ if __name__ == '__main__':
         compile_model()
     if 'host' in what:
         host_overhead()
+    if 'onchip' in what:
+        onchip()
     if 'tune' in what:
         tune(measure_copy_bandwidth(torch.device('cuda'))['copy_gbps'])

@@ -34,15 +34,53 @@ def _errors(inputs):
     return dict(zip(NAMES, [rel_err(out, ref)] + [rel_err(g, r) for g, r in zip(grads, ref_grads)]))
 
 
+def _use_onchip(monkeypatch):
+    """Every shape takes the one-read forward: its length limit lifted, the device pretending to have many SMs."""
+    monkeypatch.setattr(fused, 'ONCHIP_MAX_N', 10 ** 9)
+    monkeypatch.setattr(fused, '_num_sms', lambda device: 10 ** 9)
+
+
+@pytest.fixture(params=['two_sweep', 'onchip'])
+def fwd_kernel(request, monkeypatch):
+    """Run a test with each forward kernel: the two-sweep one or the one-read one."""
+    if request.param == 'two_sweep':
+        monkeypatch.setattr(fused, 'ONCHIP_MAX_N', 0)
+    else:
+        _use_onchip(monkeypatch)
+    return request.param
+
+
 @pytest.mark.parametrize('B,N,C', [(1, 1, 5), (2, 7, 5), (1, 37, 5), (1, 5, 130)])
-def test_triton_fp32_matches_float64(B, N, C):
+def test_triton_fp32_matches_float64(B, N, C, fwd_kernel):
     errs = _errors(make_scan_inputs(B, N, C, dtype=torch.float32, seed=N + C, requires_grad=True))
     assert all(e < 1e-5 for e in errs.values()), errs
+
+
+def test_triton_forward_kernel_choice():
+    """The one-read forward only for short sequences with at most 1.5 of its programs per SM (4 'SMs' on the CPU)."""
+    cpu = torch.device('cpu')
+    block_c = fused.ONCHIP_CFG[0]
+    assert fused._onchip_fits(1, fused.ONCHIP_MAX_N, 6 * block_c, cpu)
+    assert fused._onchip_fits(3, 7, 2 * block_c, cpu)
+    assert not fused._onchip_fits(1, fused.ONCHIP_MAX_N + 1, block_c, cpu)
+    assert not fused._onchip_fits(1, 7, 6 * block_c + 1, cpu)
+
+
+@pytest.mark.parametrize('cfg', [(16, 4), (8, 2), (32, 16)])
+def test_triton_onchip_chunks(cfg, monkeypatch):
+    """The one-read forward with W chunks of T rows per program (W > 1, the last chunks partly or wholly past N, C
+    not a multiple of the block): its chunk maps combined across chunks in both directions."""
+    _use_onchip(monkeypatch)
+    monkeypatch.setattr(fused, 'ONCHIP_CFG', cfg)
+    inputs = make_scan_inputs(2, 37, 19, dtype=torch.float32, seed=7)
+    ref = bihgru_scan_reference(*[t.double() for t in inputs])
+    assert rel_err(fused.bihgru_fwd(*inputs), ref) < 1e-5
 
 
 def test_triton_chunked_two_level_scan(monkeypatch):
     """Sequences longer than a chunk: chunk summaries, then carries folded in; forced here with tiny chunks."""
     monkeypatch.setattr(fused, 'MIN_CHUNK', 4)
+    monkeypatch.setattr(fused, 'ONCHIP_MAX_N', 0)  # the two-sweep forward (the backward always is)
     B, N, C = 2, 19, 3
     n_cblocks, n_chunks, chunk_len = fused._chunks(B, N, C, torch.device('cpu'), fused.FWD_CFG[4])
     assert n_chunks > 2 and chunk_len < N
@@ -51,14 +89,14 @@ def test_triton_chunked_two_level_scan(monkeypatch):
 
 
 @pytest.mark.parametrize('dtype', [torch.bfloat16, torch.float16])
-def test_triton_half_inputs(dtype):
+def test_triton_half_inputs(dtype, fwd_kernel):
     u, z, gamma, tf, tr = make_scan_inputs(2, 9, 5, dtype=torch.float32, seed=5)
     inputs = [t.requires_grad_(True) for t in (u.to(dtype), z.to(dtype), gamma, tf, tr)]
     errs = _errors(inputs)
     assert all(e < BOUND[dtype] for e in errs.values()), errs
 
 
-def test_triton_noncontiguous_views():
+def test_triton_noncontiguous_views(fwd_kernel):
     """u and z as views into one fused projection output, as the mixer passes them; dout non-contiguous too."""
     B, N, C = 2, 6, 5
     fused_proj = torch.randn(B, N, 5 * C, dtype=torch.float32).mul_(2).requires_grad_(True)

@@ -4,9 +4,15 @@ A program owns `BLOCK_C` channels (one per thread) of one batch row and walks th
 4 rows whose loads are issued together so that their latencies overlap (a group's stores come after all its loads: a
 store before a load that may alias it would make the load wait). The forward makes a forward sweep that runs hf and
 stashes only the state entering each group (2 fp32 per group and channel), then a reverse sweep, a group at a time,
-that re-reads the group's u and z (from L2 while the rows stay cached), recomputes its hf from the stash in registers,
-runs hr and writes hf + hr once. No flipped copies, no gates or states materialised by PyTorch, fp32 state for any
-input dtype. Measured speed and its limits: docs/PERF.md.
+that re-reads the group's u and z (at large batches mostly from DRAM again: docs/PERF.md), recomputes its hf from
+the stash in registers, runs hr and writes hf + hr once. No flipped copies, no gates or states materialised by
+PyTorch, fp32 state for any input dtype. Measured speed and its limits: docs/PERF.md.
+
+Short sequences in small batches (N <= ONCHIP_MAX_N, at most 1.5 programs per SM) take a one-read forward instead:
+a program loads its whole sequence of BLOCK_C channels once, into registers, as W chunks of T rows (one thread per
+chunk and channel), builds each chunk's maps of both recurrences, combines them across chunks with two small scans
+and then runs hf forward and hr backward over the held rows. It reads u and z once but holds so much per program
+that few programs fit on an SM: faster where the GPU is mostly idle anyway (latency), slower at large batches.
 
 When B x C alone cannot fill the GPU (long sequences, small batches) the sequence is split into chunks run by
 separate programs, a two-level scan: a first launch writes each chunk's map `h -> A h + b` per recurrence (from a
@@ -42,6 +48,13 @@ import triton.language as tl
 FWD_CFG = {2: (32, 1, 16), 4: (64, 2, 8)}
 BWD_CFG = {2: (32, 1, 16), 4: (64, 2, 8)}
 MIN_CHUNK = 64
+# The one-read forward (`_bihgru_fwd_onchip_kernel`): (channels per program, rows per chunk T), one thread per
+# chunk and channel. A program holds its whole sequence in registers, so few programs fit on an SM: it wins where
+# the two-sweep kernel cannot fill the GPU anyway and loses at large batches. H100, bf16 / fp32 (run25): up to 1.45
+# programs per SM it was 1.07-8.4x faster ((1, 256, 192) 16.6 vs 92.1 us bf16; (16, 256, 192) 30.0 vs 31.9 us);
+# at 46.5 per SM ((256, 256, 384)) 0.36x. Hence: N <= ONCHIP_MAX_N and at most 1.5 programs per SM.
+ONCHIP_CFG = (16, 8)
+ONCHIP_MAX_N = 256
 # rows per group (their loads issued together; one stashed state per group): fixed, both reverse sweeps are written
 # out for 4 rows held as separate values
 GROUP = 4
@@ -265,6 +278,76 @@ def _bihgru_fwd_kernel(
 
 
 @triton.jit
+def _compose(ar1, ai1, br1, bi1, ar2, ai2, br2, bi2):
+    """The map h -> a2 (a1 h + b1) + b2 (first (a1, b1), then (a2, b2)), complex a and b."""
+    return ar2 * ar1 - ai2 * ai1, ar2 * ai1 + ai2 * ar1, ar2 * br1 - ai2 * bi1 + br2, ar2 * bi1 + ai2 * br1 + bi2
+
+
+@triton.jit
+def _compose_excl(er1, ei1, fr1, fi1, ar1, ai1, br1, bi1, er2, ei2, fr2, fi2, ar2, ai2, br2, bi2):
+    """Scan combine of segments held as (all maps but the last, all maps): gives an exclusive scan of maps."""
+    er, ei, fr, fi = _compose(ar1, ai1, br1, bi1, er2, ei2, fr2, fi2)
+    ar, ai, br, bi = _compose(ar1, ai1, br1, bi1, ar2, ai2, br2, bi2)
+    return er, ei, fr, fi, ar, ai, br, bi
+
+
+@triton.jit
+def _entering(Ar, Ai, Br, Bi, REVERSE: tl.constexpr):
+    """State entering each chunk (rows of the (W, BLOCK_C) chunk maps `h -> A h + B`) from the chunks before it
+    (REVERSE: after it), starting from 0."""
+    one = tl.full(Ar.shape, 1., tl.float32)
+    zero = tl.zeros(Ar.shape, tl.float32)
+    _, _, hr_, hi_, _, _, _, _ = tl.associative_scan(
+        (one, zero, zero, zero, Ar, Ai, Br, Bi), 0, _compose_excl, reverse=REVERSE)
+    return hr_, hi_
+
+
+@triton.jit
+def _bihgru_fwd_onchip_kernel(
+        u_ptr, z_ptr, gamma_ptr, tf_ptr, tr_ptr, out_ptr, N, C, s_ub, s_un, s_zb, s_zn, s_ob, s_on,
+        BLOCK_C: tl.constexpr, T: tl.constexpr, W: tl.constexpr,
+):
+    """The forward with one read of u and z: the program's sequence (W chunks of T rows, W x T >= N) is loaded once
+    into registers as (W, BLOCK_C) tiles of row j of every chunk; the chunks' maps of both recurrences are combined
+    across chunks by two small scans; then hf runs forward and hr backward over the held rows and hf + hr is
+    written once."""
+    b = tl.program_id(1).to(tl.int64)
+    cs = (tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C))[None, :]
+    cmask = cs < C
+    gamma = tl.load(gamma_ptr + cs, mask=cmask, other=0.).to(tl.float32)
+    tf = tl.load(tf_ptr + cs, mask=cmask, other=0.).to(tl.float32)
+    tr = tl.load(tr_ptr + cs, mask=cmask, other=0.).to(tl.float32)
+    cf, sf, cr_, sr_ = tl.cos(tf), tl.sin(tf), tl.cos(tr), tl.sin(tr)
+    first = tl.arange(0, W)[:, None] * T  # each chunk's first row
+    ub, zb, ob = u_ptr + b * s_ub, z_ptr + b * s_zb, out_ptr + b * s_ob
+    one = tl.full([W, BLOCK_C], 1., tl.float32)
+    zero = tl.zeros([W, BLOCK_C], tl.float32)
+    # one read: every row's gates held, each chunk's maps of hf and hr (from a zero state) built on the way
+    Afr, Afi, Hfr, Hfi, Arr, Ari, Hrr, Hri = one, zero, zero, zero, one, zero, zero, zero
+    lams, vrs, vis = (), (), ()
+    for j in tl.static_range(T):
+        t = first + j
+        m = cmask & (t < N)
+        lam, vr, vi = _row_gates(ub + t * s_un, zb + t * s_zn, cs, m, gamma)
+        Afr, Afi, Hfr, Hfi, Arr, Ari, Hrr, Hri = _state_maps(
+            m, lam, vr, vi, cf, sf, cr_, sr_, Afr, Afi, Hfr, Hfi, Arr, Ari, Hrr, Hri)
+        lams, vrs, vis = lams + (lam,), vrs + (vr,), vis + (vi,)
+    hr_, hi_ = _entering(Afr, Afi, Hfr, Hfi, False)
+    hfs = ()
+    for j in tl.static_range(T):
+        hr_, hi_ = _step(hr_, hi_, lams[j], vrs[j], vis[j], cf, sf)
+        hfs = hfs + ((hr_, hi_),)
+    hr_, hi_ = _entering(Arr, Ari, Hrr, Hri, True)
+    for j in tl.static_range(T - 1, -1, -1):
+        hr_, hi_ = _step(hr_, hi_, lams[j], vrs[j], vis[j], cr_, sr_)
+        t = first + j
+        m = cmask & (t < N)
+        o = ob + t * s_on + cs
+        tl.store(o, (hfs[j][0] + hr_).to(out_ptr.dtype.element_ty), mask=m)
+        tl.store(o + C, (hfs[j][1] + hi_).to(out_ptr.dtype.element_ty), mask=m)
+
+
+@triton.jit
 def _step(hr_, hi_, lam, vr, vi, c, s):
     """One step h <- lam e^{i theta} h + v of a complex recurrence (c, s = cos, sin theta)."""
     ar, ai = lam * c, lam * s
@@ -452,6 +535,11 @@ def _num_sms(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count if device.type == 'cuda' else 4
 
 
+def _onchip_fits(B: int, N: int, C: int, device: torch.device) -> bool:
+    """Whether the forward takes the one-read kernel: a short sequence and at most 1.5 of its programs per SM."""
+    return N <= ONCHIP_MAX_N and 2 * B * triton.cdiv(C, ONCHIP_CFG[0]) <= 3 * _num_sms(device)
+
+
 def _chunks(B: int, N: int, C: int, device: torch.device, cfg: Tuple[int, int, int]) -> Tuple[int, int, int]:
     """Channel blocks, chunks and chunk length for a kernel's `cfg` (an entry of FWD_CFG / BWD_CFG): split the
     sequence only when B x C alone cannot fill the GPU (the cfg's programs per SM), and then into enough chunks for
@@ -466,10 +554,19 @@ def _chunks(B: int, N: int, C: int, device: torch.device, cfg: Tuple[int, int, i
 
 
 def bihgru_fwd(u, z, gamma, theta_f, theta_r) -> torch.Tensor:
-    """Forward of the fused kernel; returns (B, N, 2C) in the dtype of u."""
+    """Forward of the fused kernels; returns (B, N, 2C) in the dtype of u. Short sequences in small batches
+    (`_onchip_fits`) take the one-read kernel, everything else the two-sweep one."""
     u, z = (t if t.stride(-1) == 1 else t.contiguous() for t in (u, z))
     B, N, C = z.shape
     out = torch.empty(B, N, 2 * C, device=u.device, dtype=u.dtype)
+    if _onchip_fits(B, N, C, u.device):
+        block_c, T = ONCHIP_CFG
+        T = min(T, triton.next_power_of_2(N))
+        W = triton.next_power_of_2(triton.cdiv(N, T))
+        _bihgru_fwd_onchip_kernel[(triton.cdiv(C, block_c), B)](
+            u, z, gamma, theta_f, theta_r, out, N, C, u.stride(0), u.stride(1), z.stride(0), z.stride(1),
+            out.stride(0), out.stride(1), BLOCK_C=block_c, T=T, W=W, num_warps=max(1, W * block_c // 32))
+        return out
     cfg = FWD_CFG[u.element_size()]  # (BLOCK_C, warps, programs per SM)
     n_cblocks, n_chunks, chunk_len = _chunks(B, N, C, u.device, cfg)
     summ = torch.empty(B, n_chunks, 8, C, device=u.device, dtype=torch.float32) if n_chunks > 1 else out
