@@ -119,7 +119,7 @@ def test_triton_needs_cuda_outside_interpreter(monkeypatch):
         bihgru_scan(*inputs, impl='triton')
 
 
-def test_triton_op_compiles_fullgraph_in_a_model():
+def test_triton_op_compiles_fullgraph_in_a_model(fwd_kernel):
     """torch.compile(fullgraph=True) traces a model through the custom op (fake impl + autograd), forward and
     backward, without a graph break, and gives eager's output and gradients. backend='aot_eager' builds the forward
     and backward graphs as inductor does, then runs them eagerly (inductor would emit GPU code the CPU cannot run)."""
