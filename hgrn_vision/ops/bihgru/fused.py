@@ -40,7 +40,7 @@ import triton.language as tl
 
 # (channels per program (one per thread), warps, programs per SM to aim for) of each kernel by input element size,
 # and the shortest chunk when a sequence is split. From sweeps on an H100 (scripts/gpu_scan_tune.py tune / compare,
-# docs/PERF.md): the kernels are latency-bound, so small programs and few registers (more resident warps) win. The
+# docs/PERF.md): more resident warps keep more loads in flight, so small programs and few registers win. The
 # 16-bit forward gains from more, smaller programs (1.07-1.26x at the split and C = 192 shapes, run19); so does the
 # 16-bit backward once it loads a group ahead (run21: 415 vs 434 us at (256, 256, 384), equal at (16, 5329, 384)).
 # The fp32 forward lost with them (0.83x at (64, 1024, 384), a run whose log was lost: docs/PERF.md) and the fp32
