@@ -31,6 +31,7 @@ Both sweeps load the next group's rows (and stash) one group ahead, so that thos
 computes (the same in the forward measured slower at split sequences: docs/PERF.md). Nothing divides by a gate.
 Per-channel gradients (gamma, theta_f, theta_r) are fp32 partials per program, reduced once afterwards.
 """
+import functools
 import os
 from typing import Tuple
 
@@ -531,7 +532,9 @@ def _grad_row(st, row, t, t1, cmask, gamma, cf, sf, cr_, sr_):
                 w * dvi * sui * (1. + ui * (1. - sui)))
 
 
+@functools.lru_cache(maxsize=None)
 def _num_sms(device: torch.device) -> int:
+    """SMs of the device (4 on the CPU, for the interpreter); cached: every forward and backward call asks."""
     return torch.cuda.get_device_properties(device).multi_processor_count if device.type == 'cuda' else 4
 
 
