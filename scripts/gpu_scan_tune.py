@@ -1,10 +1,12 @@
 """GPU session script for the fused scan: repeated runs on poisoned memory, correctness at the benchmark shapes,
-torch.compile of a model, block-size tuning, host overhead.
+torch.compile of a model, block-size tuning, host overhead, the mixer's fused scan + LayerNorm + gate op.
 
-Run on the lent GPU: `PYTHONPATH=. python scripts/gpu_scan_tune.py [stress] [check] [compile] [tune] [host] [onchip]`
-(default: the first four; host: the host-side cost of the op's Python paths; onchip: the one-read forward against
-the two-sweep one), or `... compare OTHER_FUSED.py` (forward and backward against another version of fused.py,
-e.g. `git show REV:hgrn_vision/ops/bihgru/fused.py > /tmp/f.py`). Prints tables; nothing is timed in tests.
+Run on the lent GPU: `PYTHONPATH=. python scripts/gpu_scan_tune.py [WHAT ...]` with WHAT among stress, check,
+compile, tune (the default: these four), host (the host-side cost of the op's Python paths), onchip (the one-read
+forward against the two-sweep one), normgate (the fused scan + LayerNorm + gate op against the scan op composed with
+them), normgate_tune (that op's row kernels' configs); or `... compare OTHER_FUSED.py` (forward and backward against
+another version of fused.py, e.g. `git show REV:hgrn_vision/ops/bihgru/fused.py > /tmp/f.py`). Prints tables;
+nothing is timed in tests.
 """
 import importlib.util
 import inspect
@@ -15,12 +17,14 @@ import tempfile
 import time
 
 import torch
+import torch.nn.functional as F
 import triton
 import triton.testing
 
 import hgrn_vision.ops.bihgru.fused as fz
+import hgrn_vision.ops.bihgru.norm_gate as ng
 from hgrn_vision.benchmark import cast_scan_inputs, float64_reference, make_scan_inputs, measure_copy_bandwidth, rel_err
-from hgrn_vision.ops import bihgru_scan
+from hgrn_vision.ops import bihgru_scan, bihgru_scan_norm_gate
 
 SHAPES = [(256, 256, 192), (256, 256, 384), (64, 1024, 384), (16, 5329, 384), (1, 256, 192)]
 
@@ -246,6 +250,88 @@ def onchip(shapes=((1, 256, 192), (1, 256, 384), (4, 256, 384), (5, 256, 384), (
         sys.stdout.flush()
 
 
+def _composed(x, gamma, theta_f, theta_r, weight, bias):
+    """The mixer before the fused op: the scan op, then PyTorch's LayerNorm and gate."""
+    C = x.shape[-1] // 5
+    u, z, g = x.split([2 * C, C, 2 * C], -1)
+    return F.layer_norm(bihgru_scan(u, z, gamma, theta_f, theta_r, impl='triton'), (2 * C,), weight, bias) * F.silu(g)
+
+
+def normgate(shapes=((256, 256, 384), (64, 1024, 384), (12, 5329, 384)), check_batch=16):
+    """The fused scan + LayerNorm + gate op: max rel. error of y and its six gradients against the 'torch' scan
+    composed in float64 (first `check_batch` sequences), then time (do_bench, bf16) against `_composed`, both under
+    torch.compile: forward alone and forward + backward."""
+    print('== bihgru_scan_norm_gate: fused op vs scan op + LayerNorm + gate, both compiled ==')
+    fused = torch.compile(lambda *a: bihgru_scan_norm_gate(*a, impl='triton'))
+    composed = torch.compile(_composed)
+    for (B, N, C), dtype in itertools.product(shapes, (torch.bfloat16, torch.float32)):
+        u, z, *vec = inputs(B, N, C, dtype)
+        g = torch.randn(B, N, 2 * C, device='cuda', dtype=dtype) * 2
+        wb = [torch.randn(2 * C, device='cuda') * 0.5 + 1, torch.randn(2 * C, device='cuda') * 0.3]
+        args = [torch.cat([u, z, g], -1).requires_grad_(), *vec, *wb]
+        args[1:] = [t.requires_grad_() for t in args[1:]]
+        dy = torch.randn(B, N, 2 * C, device='cuda', dtype=dtype)
+        ref_in = [a.detach()[:check_batch].double().requires_grad_() if i == 0 else a.detach().double().requires_grad_()
+                  for i, a in enumerate(args)]
+        ref = bihgru_scan_norm_gate(*ref_in, impl='torch')
+        ref = [ref, *torch.autograd.grad(ref, ref_in, dy[:check_batch].double())]
+        small = [args[0].detach()[:check_batch].requires_grad_(), *args[1:]]
+        y = bihgru_scan_norm_gate(*small, impl='triton')
+        got = [y, *torch.autograd.grad(y, small, dy[:check_batch])]
+        errs = ' '.join(f'{rel_err(a, b):.1e}' for a, b in zip(got, ref))
+        del ref_in, ref, small, y, got
+        line = f'{str((B, N, C)):>16} {str(dtype)[6:]:>9}  err y, dx, dgamma, dtf, dtr, dw, db: {errs}'
+        if dtype == torch.bfloat16:
+            t = {}
+            for name, fn in (('fused', fused), ('composed', composed)):
+                with torch.no_grad():
+                    t[name, 'fwd'] = bench(lambda: fn(*args), rep=100)
+                t[name, 'fwd+bwd'] = bench(lambda: torch.autograd.grad(fn(*args), args, dy), rep=100)
+            line += ''.join(f'  {k}: fused {t["fused", k] * 1e3:7.1f} us composed {t["composed", k] * 1e3:7.1f} us '
+                            f'({t["composed", k] / t["fused", k]:.2f}x)' for k in ('fwd', 'fwd+bwd'))
+        print(line)
+        sys.stdout.flush()
+
+
+NG_FWD_CFGS = [(1, 2), (1, 4), (2, 2), (2, 4), (1, 1)]
+NG_BWD_CFGS = [(4, 4, 8), (2, 4, 8), (4, 4, 4), (8, 4, 4), (4, 2, 16), (2, 2, 16), (8, 4, 8), (1, 2, 16), (2, 1, 32)]
+
+
+def normgate_tune(shapes=((256, 256, 384), (12, 5329, 384))):
+    """The row kernels of the fused op alone (bf16) at each (rows, warps[, programs per SM]) config, in GB/s over
+    what they must move (forward h, g, y: 6 elements per token and C; backward dy, h, g, dh, dg: 10), against the
+    same LayerNorm + gate compiled by inductor (`F.layer_norm(h) * silu(g)`, forward and its backward)."""
+    bw = measure_copy_bandwidth(torch.device('cuda'))['copy_gbps']
+    defaults = ng.FWD_CFG, ng.BWD_CFG
+    print(f'== norm-gate row kernels, bf16; copy bandwidth {bw:.0f} GB/s ==')
+    ind = torch.compile(lambda h, g, w, b: F.layer_norm(h, (h.shape[-1],), w, b) * F.silu(g))
+    for B, N, C in shapes:
+        D = 2 * C
+        x = torch.randn(B, N, 5 * C, device='cuda', dtype=torch.bfloat16)
+        h, dy = (torch.randn(B, N, D, device='cuda', dtype=torch.bfloat16) for _ in range(2))
+        w, b = torch.randn(D, device='cuda') + 1, torch.randn(D, device='cuda')
+        dx = torch.empty_like(x)
+        nbytes = B * N * C * 2
+        rows = []
+        for cfg in NG_FWD_CFGS:
+            ng.FWD_CFG = cfg
+            rows.append((f'fwd {cfg}', bench(lambda: ng.norm_gate_fwd(h, x, w, b, 1e-5), rep=100), 6))
+        for cfg in NG_BWD_CFGS:
+            ng.BWD_CFG = cfg
+            rows.append((f'bwd {cfg}', bench(lambda: ng.norm_gate_bwd(dy, h, x, w, b, 1e-5, dx), rep=100), 10))
+        g = x[..., 3 * C:]
+        rows.append(('inductor fwd', bench(lambda: ind(h, g, w, b), rep=100), 6))
+        hg, gg = h.clone().requires_grad_(), g.clone().requires_grad_()
+        wg, bg = w.clone().requires_grad_(), b.clone().requires_grad_()
+        rows.append(('inductor fwd+bwd', bench(lambda: torch.autograd.grad(ind(hg, gg, wg, bg), (hg, gg, wg, bg), dy),
+                                               rep=100), 16))
+        for name, ms, elems in rows:
+            gbps = elems * nbytes / ms / 1e6
+            print(f'{str((B, N, C)):>16} {name:>18} {ms * 1e3:8.1f} us {gbps:7.0f} GB/s {100 * gbps / bw:5.1f}%')
+        sys.stdout.flush()
+    ng.FWD_CFG, ng.BWD_CFG = defaults
+
+
 def compile_model():
     import timm
 
@@ -278,5 +364,9 @@ if __name__ == '__main__':
         host_overhead()
     if 'onchip' in what:
         onchip()
+    if 'normgate_tune' in what:
+        normgate_tune()
+    if 'normgate' in what:
+        normgate()
     if 'tune' in what:
         tune(measure_copy_bandwidth(torch.device('cuda'))['copy_gbps'])

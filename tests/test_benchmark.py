@@ -100,7 +100,7 @@ def test_categorize():
     assert categorize('_bihgru_fwd_kernel') == 'scan'
     assert categorize('sm90_xmma_gemm_bf16bf16_bf16f32') == 'matmul' and categorize('aten::addmm') == 'matmul'
     assert categorize('pytorch_flash::flash_fwd_kernel') == 'attention'
-    assert categorize('triton_per_fused_native_layer_norm_0') == 'layer_norm'
+    assert categorize('triton_per_fused_native_layer_norm_0') == 'layer_norm' == categorize('_norm_gate_bwd_kernel')
     assert categorize('triton_poi_fused_mul_silu_1') == 'elementwise / fused'
     assert categorize('some_unknown_kernel') == 'other'
 

@@ -6,12 +6,15 @@ Tolerances (relative error ||a - b|| / ||b|| against the float64 reference fed t
   Triton's interpreter converts by truncation (relative error below 2 ulp) where the GPU rounds to nearest
   (below 1/2 ulp), so the bound is 2 ulp: 2^-7 = 7.8e-3 for bf16 and 2^-10 = 9.8e-4 for fp16. Measured on an H100
   (scripts/gpu_scan_tune.py check): 1.4e-3 to 2.4e-3 for bf16 at the benchmark shapes, 1.1e-7 to 6.1e-7 for fp32.
+- The fused scan + LayerNorm + gate op (`bihgru_scan_norm_gate`) rounds twice in 16 bits (the scan's h, then y; in
+  the backward dh, then du and dz), so its bound there is 2 ulp twice.
 """
 import pytest
 import torch
 
 import hgrn_vision.ops.bihgru.fused as fused
-from hgrn_vision.ops import bihgru_scan, bihgru_scan_reference
+import hgrn_vision.ops.bihgru.norm_gate as norm_gate
+from hgrn_vision.ops import bihgru_scan, bihgru_scan_norm_gate, bihgru_scan_reference
 
 from scan_inputs import make_scan_inputs, rel_err
 
@@ -139,3 +142,62 @@ def test_triton_op_compiles_fullgraph_in_a_model(fwd_kernel):
     assert rel_err(out, ref) < 1e-5
     for (name, p), g in zip(model.named_parameters(), ref_grads):
         assert rel_err(p.grad, g) < 1e-4, name
+
+
+def _norm_gate_inputs(B, N, C, dtype, seed=0):
+    """x = [u | z | g] (B, N, 5C) in `dtype`; the scan's per-channel vectors, a LayerNorm's weight and bias: fp32."""
+    u, z, gamma, tf, tr = make_scan_inputs(B, N, C, dtype=torch.float32, seed=seed)
+    gen = torch.Generator().manual_seed(seed)
+    g = torch.randn(B, N, 2 * C, generator=gen) * 2
+    weight, bias = torch.randn(2, 2 * C, generator=gen) * torch.tensor([[0.5], [0.3]]) + torch.tensor([[1.], [0.]])
+    return [torch.cat([u, z, g], -1).to(dtype), gamma, tf, tr, weight, bias]
+
+
+def _norm_gate_errors(inputs, dy_view=False):
+    """Relative errors of the fused op's output and gradients against float64 composed from the reference scan."""
+    inputs = [t.detach().requires_grad_(True) for t in inputs]
+    ref_in = [t.detach().double().requires_grad_(True) for t in inputs]
+    ref = bihgru_scan_norm_gate(*ref_in, eps=1e-5, impl='reference')
+    out = bihgru_scan_norm_gate(*inputs, eps=1e-5, impl='triton')
+    assert out.dtype == inputs[0].dtype and out.shape == ref.shape
+    gen = torch.Generator().manual_seed(1)
+    dy = torch.randn(ref.shape, generator=gen).to(out.dtype)
+    if dy_view:  # a non-contiguous gradient
+        dy = torch.randn(*ref.shape[:-1], 2 * ref.shape[-1], generator=gen).to(out.dtype)[..., ::2]
+    grads = torch.autograd.grad(out, inputs, dy)
+    ref_grads = torch.autograd.grad(ref, ref_in, dy.double())
+    for g, t in zip(grads, inputs):
+        assert g.dtype == t.dtype and g.shape == t.shape
+    names = ('out', 'dx', 'dgamma', 'dtheta_f', 'dtheta_r', 'dweight', 'dbias')
+    return dict(zip(names, [rel_err(out, ref)] + [rel_err(g, r) for g, r in zip(grads, ref_grads)]))
+
+
+@pytest.mark.parametrize('B,N,C', [(1, 1, 5), (2, 7, 5), (1, 37, 3), (2, 5, 130)])
+def test_triton_norm_gate_matches_float64(B, N, C, fwd_kernel):
+    """The mixer's scan + LayerNorm + gate op: output and all six gradients (x's in one buffer) in fp32."""
+    errs = _norm_gate_errors(_norm_gate_inputs(B, N, C, torch.float32, seed=N + C))
+    assert all(e < 1e-5 for e in errs.values()), errs
+
+
+@pytest.mark.parametrize('dtype', [torch.bfloat16, torch.float16])
+def test_triton_norm_gate_half_inputs(dtype):
+    errs = _norm_gate_errors(_norm_gate_inputs(2, 9, 5, dtype, seed=5))
+    assert all(e < 2 * BOUND[dtype] for e in errs.values()), errs
+
+
+def test_triton_norm_gate_views_and_tiles(monkeypatch):
+    """x as a strided view (rows of a wider tensor), dy non-contiguous, and several tiles per backward program."""
+    monkeypatch.setattr(norm_gate, 'FWD_CFG', (1, 1))
+    monkeypatch.setattr(norm_gate, 'BWD_CFG', (2, 1, 1))  # 2 rows a tile: 19 tiles over 4 programs
+    x, *rest = _norm_gate_inputs(2, 19, 3, torch.float32, seed=2)
+    wide = torch.cat([x, torch.randn(2, 19, 4)], -1)
+    errs = _norm_gate_errors([wide[..., :15], *rest], dy_view=True)
+    assert all(e < 1e-5 for e in errs.values()), errs
+
+
+def test_norm_gate_input_errors():
+    x, gamma, tf, tr, weight, bias = _norm_gate_inputs(1, 3, 2, torch.float32)
+    with pytest.raises(ValueError, match=r'x of shape \(B, N, 5C\)'):
+        bihgru_scan_norm_gate(x[..., :-1], gamma, tf, tr, weight, bias)
+    with pytest.raises(ValueError, match=r'norm_weight of shape \(2C,\) = \(4,\)'):
+        bihgru_scan_norm_gate(x, gamma, tf, tr, weight[:3], bias)

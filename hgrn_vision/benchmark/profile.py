@@ -23,7 +23,7 @@ CATEGORIES: Sequence[tuple] = (
     ('scan', r'bihgru|seq_scan'),
     ('attention', r'flash|fmha|attention|sdpa|softmax'),
     ('matmul', r'gemm|cutlass|nvjet|xmma|wgmma|cublas|^aten::(mm|addmm|bmm|matmul|linear|_addmm_activation)$'),
-    ('layer_norm', r'layer_norm|layernorm'),
+    ('layer_norm', r'layer_norm|layernorm|norm_gate'),  # norm_gate: the mixer's LayerNorm + gate kernels
     ('convolution', r'conv'),
     ('optimizer', r'adam|multi_tensor|foreach'),
     ('copy / cast', r'copy|cast|memcpy|memset|fill|^aten::to$|^aten::clone$|contiguous'),

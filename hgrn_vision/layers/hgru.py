@@ -6,7 +6,7 @@ import torch.nn.functional as F
 from timm.layers import register_notrace_module
 from torch import nn
 
-from hgrn_vision.ops import bihgru_scan, bihgru_scan_reference
+from hgrn_vision.ops import bihgru_scan_norm_gate, bihgru_scan_reference
 
 
 def hgru_theta_init(dim: int, device=None, dtype=None) -> torch.Tensor:
@@ -20,7 +20,9 @@ class HgruMixer(nn.Module):
 
     The authors' `input_proj` (C -> 2C), `lambda_proj` (C -> C) and `gate` (C -> 2C) all read the same input,
     so they are one fused `in_proj` (C -> 5C) whose output splits into `[u | z | g]`; `checkpoint_filter_fn`
-    concatenates the authors' weights in that order. `out = out_proj(norm(scan(u, z)) * silu(g))`.
+    concatenates the authors' weights in that order. `out = out_proj(norm(scan(u, z)) * silu(g))`, where everything
+    between the two projections is one op (`bihgru_scan_norm_gate`) so that the Triton path can hand `in_proj` its
+    gradient in one buffer.
     """
 
     def __init__(
@@ -46,9 +48,11 @@ class HgruMixer(nn.Module):
         self.theta_reverse = nn.Parameter(hgru_theta_init(dim, **dd))
 
     def forward(self, x: torch.Tensor, lower_bound: torch.Tensor) -> torch.Tensor:
-        u, z, g = self.in_proj(x).split([2 * self.dim, self.dim, 2 * self.dim], dim=-1)
-        if torch.jit.is_scripting():
+        x = self.in_proj(x)
+        if torch.jit.is_scripting():  # the scriptable reference scan, composed as bihgru_scan_norm_gate does
+            u, z, g = x.split([2 * self.dim, self.dim, 2 * self.dim], dim=-1)
             h = bihgru_scan_reference(u, z, lower_bound, self.theta_forward, self.theta_reverse)
-        else:
-            h = bihgru_scan(u, z, lower_bound, self.theta_forward, self.theta_reverse, impl=self.scan_impl)
-        return self.out_proj(self.norm(h) * F.silu(g))
+            return self.out_proj(self.norm(h) * F.silu(g))
+        return self.out_proj(bihgru_scan_norm_gate(
+            x, lower_bound, self.theta_forward, self.theta_reverse, self.norm.weight, self.norm.bias, self.norm.eps,
+            impl=self.scan_impl))

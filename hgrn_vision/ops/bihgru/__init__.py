@@ -20,16 +20,22 @@ Implementations (`impl=`):
   'triton'     the fused Triton kernel (`fused.py`), forward and backward, for CUDA (CPU under TRITON_INTERPRET=1).
   'triton_seq' benchmark baseline shaped like the authors' CUDA kernel (`sequential.py`); CUDA only.
 `impl=None` picks the best one available for the inputs' device.
+
+`bihgru_scan_norm_gate(x, ...)` is the HGRU mixer between its projections, `LayerNorm(scan(u, z)) * silu(g)` for the
+input projection's output x = [u | z | g] (B, N, 5C): with impl='triton' one op (`norm_gate.py`) whose backward
+writes du, dz and dg into one gradient of x; with the other impls the scan composed with PyTorch's LayerNorm.
 """
 from typing import Callable, Dict, Optional
 
 import torch
+import torch.nn.functional as F
 from timm.layers import register_notrace_function
 
 from .naive import bihgru_scan_reference
 from .parallel import bihgru_scan_parallel
 
-__all__ = ['bihgru_scan', 'bihgru_scan_reference', 'bihgru_scan_parallel', 'available_impls', 'default_impl']
+__all__ = ['bihgru_scan', 'bihgru_scan_norm_gate', 'bihgru_scan_reference', 'bihgru_scan_parallel', 'available_impls',
+           'default_impl']
 
 _IMPLS: Dict[str, Callable[..., torch.Tensor]] = {
     'reference': bihgru_scan_reference,
@@ -37,6 +43,7 @@ _IMPLS: Dict[str, Callable[..., torch.Tensor]] = {
 }
 try:  # triton is absent on some platforms (macOS, Windows): the PyTorch paths still work there
     from .fused import bihgru_scan_triton
+    from .norm_gate import bihgru_scan_norm_gate_triton
     from .sequential import bihgru_scan_sequential
     _IMPLS['triton'] = bihgru_scan_triton
     _IMPLS['triton_seq'] = bihgru_scan_sequential  # benchmark baseline: the authors' two-call, flip-copy design
@@ -54,6 +61,13 @@ def default_impl(x: torch.Tensor) -> str:
     if x.is_cuda and 'triton' in _IMPLS:
         return 'triton'
     return 'torch'
+
+
+def _check_impl(impl: Optional[str], x: torch.Tensor) -> str:
+    impl = default_impl(x) if impl is None else impl
+    if impl not in _IMPLS:
+        raise ValueError(f'Unknown bihgru_scan impl {impl!r}; available: {available_impls()} or None.')
+    return impl
 
 
 def _check_inputs(u, z, gamma, theta_f, theta_r) -> None:
@@ -102,7 +116,44 @@ def bihgru_scan(
         (B, N, 2C) tensor `[Re h | Im h]` in the dtype of `u`.
     """
     _check_inputs(u, z, gamma, theta_f, theta_r)
-    impl = default_impl(u) if impl is None else impl
-    if impl not in _IMPLS:
-        raise ValueError(f'Unknown bihgru_scan impl {impl!r}; available: {available_impls()} or None.')
-    return _IMPLS[impl](u, z, gamma, theta_f, theta_r)
+    return _IMPLS[_check_impl(impl, u)](u, z, gamma, theta_f, theta_r)
+
+
+@register_notrace_function
+def bihgru_scan_norm_gate(
+        x: torch.Tensor,
+        gamma: torch.Tensor,
+        theta_f: torch.Tensor,
+        theta_r: torch.Tensor,
+        norm_weight: torch.Tensor,
+        norm_bias: torch.Tensor,
+        eps: float = 1e-5,
+        *,
+        impl: Optional[str] = None,
+) -> torch.Tensor:
+    """`LayerNorm(bihgru_scan(u, z, ...)) * silu(g)` for x = [u | z | g]: the HGRU mixer between its projections.
+
+    Args:
+        x: the input projection's output (B, N, 5C): u (2C, interleaved (re, im) pairs), z (C), g (2C).
+        gamma, theta_f, theta_r: as for `bihgru_scan`.
+        norm_weight, norm_bias: the LayerNorm's affine parameters (2C,).
+        eps: the LayerNorm's epsilon.
+        impl: as for `bihgru_scan`; 'triton' runs one fused op.
+
+    Returns:
+        (B, N, 2C) tensor in the dtype of x.
+    """
+    if x.ndim != 3 or x.shape[-1] % 5:
+        raise ValueError(
+            f'bihgru_scan_norm_gate expects x of shape (B, N, 5C) = [u (2C) | z (C) | g (2C)], got {tuple(x.shape)}.')
+    C = x.shape[-1] // 5
+    u, z, g = x.split([2 * C, C, 2 * C], dim=-1)
+    _check_inputs(u, z, gamma, theta_f, theta_r)
+    for name, t in (('norm_weight', norm_weight), ('norm_bias', norm_bias)):
+        if tuple(t.shape) != (2 * C,):
+            raise ValueError(f'bihgru_scan_norm_gate expects {name} of shape (2C,) = ({2 * C},), got {tuple(t.shape)}.')
+    impl = _check_impl(impl, x)
+    if impl == 'triton':
+        return bihgru_scan_norm_gate_triton(x, gamma, theta_f, theta_r, norm_weight, norm_bias, eps)
+    h = _IMPLS[impl](u, z, gamma, theta_f, theta_r)
+    return F.layer_norm(h, (2 * C,), norm_weight, norm_bias, eps) * F.silu(g)

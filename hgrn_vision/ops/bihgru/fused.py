@@ -585,12 +585,13 @@ def bihgru_fwd(u, z, gamma, theta_f, theta_r) -> torch.Tensor:
     return out
 
 
-def bihgru_bwd(dout, u, z, gamma, theta_f, theta_r):
-    """Backward of the fused kernel: grads of u, z, gamma, theta_f, theta_r."""
+def bihgru_bwd(dout, u, z, gamma, theta_f, theta_r, du=None, dz=None):
+    """Backward of the fused kernel: grads of u, z, gamma, theta_f, theta_r. The grads of u and z are written into
+    `du` and `dz` when given (views with unit channel stride, e.g. slices of one gradient buffer), else new tensors."""
     u, z, dout = (t if t.stride(-1) == 1 else t.contiguous() for t in (u, z, dout))
     B, N, C = z.shape
-    du = torch.empty(u.shape, device=u.device, dtype=u.dtype)
-    dz = torch.empty(z.shape, device=z.device, dtype=z.dtype)
+    du = torch.empty(u.shape, device=u.device, dtype=u.dtype) if du is None else du
+    dz = torch.empty(z.shape, device=z.device, dtype=z.dtype) if dz is None else dz
     cfg = BWD_CFG[u.element_size()]  # (BLOCK_C, warps, programs per SM)
     n_cblocks, n_chunks, chunk_len = _chunks(B, N, C, u.device, cfg)
     part = torch.empty(B, n_chunks, 3, C, device=u.device, dtype=torch.float32)
@@ -650,11 +651,15 @@ def _backward(ctx, dout):
 _fwd_op.register_autograd(_backward, setup_context=_setup_context)
 
 
-def bihgru_scan_triton(u, z, gamma, theta_f, theta_r) -> torch.Tensor:
-    """The fused Triton op (see `hgrn_vision.ops.bihgru_scan` for the math); CUDA tensors, or any with
-    TRITON_INTERPRET=1 set before import."""
-    if not u.is_cuda and os.environ.get('TRITON_INTERPRET', '0') != '1':
+def check_triton_device(x: torch.Tensor) -> None:
+    """The Triton kernels run on CUDA tensors, or on any with TRITON_INTERPRET=1 set before import."""
+    if not x.is_cuda and os.environ.get('TRITON_INTERPRET', '0') != '1':
         raise ValueError(
-            f"impl='triton' needs CUDA tensors, got tensors on {u.device}; use impl='torch' (or None) there, or "
+            f"impl='triton' needs CUDA tensors, got tensors on {x.device}; use impl='torch' (or None) there, or "
             f'set TRITON_INTERPRET=1 before importing hgrn_vision to run the kernel in the Triton interpreter.')
+
+
+def bihgru_scan_triton(u, z, gamma, theta_f, theta_r) -> torch.Tensor:
+    """The fused Triton op (see `hgrn_vision.ops.bihgru_scan` for the math)."""
+    check_triton_device(u)
     return _fwd_op(u, z, gamma, theta_f, theta_r)

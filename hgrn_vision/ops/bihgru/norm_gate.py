@@ -1,0 +1,209 @@
+"""The HGRU mixer between its two projections as one op: `y = LayerNorm(bihgru_scan(u, z)) * silu(g)` for the
+input projection's whole output `x = [u | z | g]` (B, N, 5C).
+
+Why one op: the mixer's backward must hand `in_proj` one (B, N, 5C) gradient `[du | dz | dg]`. With the scan as its
+own op, du and dz come out as separate tensors and torch.compile's graph copies them next to dg into a new buffer
+(with the LayerNorm recomputed for dg beside it: 3.3 ms of a 43 ms training step at 224, docs/PERF.md). Here the
+backward allocates that buffer once; a row kernel writes dg into its last 2C columns while computing the LayerNorm
+backward, and the scan's backward kernel writes du and dz into the first 3C.
+
+Row kernels: a program takes ROWS tokens x all 2C channels (the LayerNorm needs a whole token), in fp32, loads first.
+The forward reads h and g, writes y; the backward reads dy, h and g, recomputes the token's mean and rstd from h (no
+stats kept), writes dh and dg, and sums the LayerNorm's weight and bias gradients over its tokens (fp32 partials per
+program, one reduction afterwards). The op keeps h for the backward (2C per token, as the separate ops did).
+"""
+from typing import Tuple
+
+import torch
+import triton
+import triton.language as tl
+
+from .fused import _num_sms, _sigmoid, bihgru_bwd, bihgru_fwd, check_triton_device
+
+# (tokens per program tile, warps) of the forward, and (tokens per tile, warps, programs per SM) of the backward, whose
+# programs loop over tiles summing the weight and bias gradients of their tokens. H100, bf16, 2C = 768
+# (`scripts/gpu_scan_tune.py normgate_tune`, run27/run28): forward 109 us at (256, 256, 384), 92% of the copy
+# bandwidth over h, g, y (inductor's LayerNorm + gate 106 us); backward 255 us, 66% over dy, h, g, dh, dg. The
+# backward at (2, 4) takes 255 registers without spilling (ptxas, sm_90a); larger tiles per warp spill (4 x 4 warps:
+# 764 bytes, 8 x 4: 11 KB) and ran 1.3x to 20x slower.
+FWD_CFG = (1, 2)
+BWD_CFG = (2, 4, 8)
+
+
+@triton.jit
+def _normalize(h, m, D, eps):
+    """Rows of the (ROWS, BLOCK_D) tile h (masked by m) normalized over their D channels, and the rows' rstd."""
+    mean = tl.sum(h, axis=1) / D
+    hc = tl.where(m, h - mean[:, None], 0.)
+    rstd = 1. / tl.sqrt(tl.sum(hc * hc, axis=1) / D + eps)
+    return hc * rstd[:, None], rstd
+
+
+@triton.jit
+def _tile(rows, M, N, D, s_b, s_n, BLOCK_D: tl.constexpr):
+    """Offsets of a (ROWS, BLOCK_D) tile of tokens `rows` (b * N + n) in a (B, N, .) tensor of strides s_b, s_n, and
+    its mask."""
+    cols = tl.arange(0, BLOCK_D)
+    r = rows.to(tl.int64)
+    off = ((r // N) * s_b + (r % N) * s_n)[:, None] + cols[None, :]
+    return off, (rows < M)[:, None] & (cols < D)[None, :]
+
+
+@triton.jit
+def _norm_gate_fwd_kernel(h_ptr, x_ptr, w_ptr, b_ptr, y_ptr, M, N, D, s_hb, s_hn, s_xb, s_xn, g_off, eps,
+                          BLOCK_D: tl.constexpr, ROWS: tl.constexpr):
+    rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
+    oh, m = _tile(rows, M, N, D, s_hb, s_hn, BLOCK_D)
+    ox, _ = _tile(rows, M, N, D, s_xb, s_xn, BLOCK_D)
+    cols = tl.arange(0, BLOCK_D)
+    h = tl.load(h_ptr + oh, mask=m, other=0.).to(tl.float32)
+    g = tl.load(x_ptr + g_off + ox, mask=m, other=0.).to(tl.float32)  # all loads before the reductions' barriers
+    w = tl.load(w_ptr + cols, mask=cols < D, other=0.).to(tl.float32)
+    b = tl.load(b_ptr + cols, mask=cols < D, other=0.).to(tl.float32)
+    xhat, _ = _normalize(h, m, D, eps)
+    y = (xhat * w[None, :] + b[None, :]) * g * _sigmoid(g)
+    tl.store(y_ptr + oh, y.to(y_ptr.dtype.element_ty), mask=m)
+
+
+@triton.jit
+def _add2(a0, a1, b0, b1):
+    return a0 + b0, a1 + b1
+
+
+@triton.jit
+def _load_bwd_tile(dy_ptr, h_ptr, x_ptr, tile, M, N, D, s_hb, s_hn, s_xb, s_xn, s_dyb, s_dyn, g_off,
+                   BLOCK_D: tl.constexpr, ROWS: tl.constexpr):
+    """A backward tile's h, g and dy in fp32 (zeros past M and D)."""
+    rows = tile * ROWS + tl.arange(0, ROWS)
+    oh, m = _tile(rows, M, N, D, s_hb, s_hn, BLOCK_D)
+    ox, _ = _tile(rows, M, N, D, s_xb, s_xn, BLOCK_D)
+    ody, _ = _tile(rows, M, N, D, s_dyb, s_dyn, BLOCK_D)
+    return (tl.load(h_ptr + oh, mask=m, other=0.).to(tl.float32),
+            tl.load(x_ptr + g_off + ox, mask=m, other=0.).to(tl.float32),
+            tl.load(dy_ptr + ody, mask=m, other=0.).to(tl.float32))
+
+
+@triton.jit
+def _norm_gate_bwd_kernel(dy_ptr, h_ptr, x_ptr, w_ptr, b_ptr, dh_ptr, dx_ptr, part_ptr, M, N, D, s_hb, s_hn, s_xb,
+                          s_xn, s_dyb, s_dyn, s_dxb, s_dxn, g_off, eps, n_tiles, BLOCK_D: tl.constexpr,
+                          ROWS: tl.constexpr):
+    """Tiles pid, pid + programs, ...; the next tile's loads are issued before this tile's reductions. The weight
+    and bias gradients are summed per element over the tiles and reduced over rows once at the end."""
+    pid = tl.program_id(0)
+    step = tl.num_programs(0)
+    cols = tl.arange(0, BLOCK_D)
+    w = tl.load(w_ptr + cols, mask=cols < D, other=0.).to(tl.float32)
+    b = tl.load(b_ptr + cols, mask=cols < D, other=0.).to(tl.float32)
+    dw = tl.zeros([ROWS, BLOCK_D], dtype=tl.float32)
+    db = tl.zeros([ROWS, BLOCK_D], dtype=tl.float32)
+    h, g, dy = _load_bwd_tile(dy_ptr, h_ptr, x_ptr, pid, M, N, D, s_hb, s_hn, s_xb, s_xn, s_dyb, s_dyn, g_off,
+                              BLOCK_D, ROWS)
+    for tile in range(pid, n_tiles, step):
+        nxt = _load_bwd_tile(dy_ptr, h_ptr, x_ptr, tile + step, M, N, D, s_hb, s_hn, s_xb, s_xn, s_dyb, s_dyn,
+                             g_off, BLOCK_D, ROWS)
+        rows = tile * ROWS + tl.arange(0, ROWS)
+        oh, m = _tile(rows, M, N, D, s_hb, s_hn, BLOCK_D)
+        odx, _ = _tile(rows, M, N, D, s_dxb, s_dxn, BLOCK_D)
+        xhat, rstd = _normalize(h, m, D, eps)
+        sg = _sigmoid(g)
+        dn = dy * g * sg  # gradient of the normalized, scaled and shifted h
+        dg = dy * (xhat * w[None, :] + b[None, :]) * sg * (1. + g * (1. - sg))
+        dw += dn * xhat
+        db += dn
+        dxhat = dn * w[None, :]
+        c1, c2 = tl.reduce((dxhat * xhat, dxhat), 1, _add2)
+        dh = (dxhat - xhat * (c1 / D)[:, None] - (c2 / D)[:, None]) * rstd[:, None]
+        tl.store(dh_ptr + oh, dh.to(dh_ptr.dtype.element_ty), mask=m)
+        tl.store(dx_ptr + g_off + odx, dg.to(dx_ptr.dtype.element_ty), mask=m)
+        h, g, dy = nxt
+    tl.store(part_ptr + pid * 2 * D + cols, tl.sum(dw, axis=0), mask=cols < D)
+    tl.store(part_ptr + pid * 2 * D + D + cols, tl.sum(db, axis=0), mask=cols < D)
+
+
+def norm_gate_fwd(h, x, weight, bias, eps):
+    """`LayerNorm(h) * silu(g)` of h (B, N, 2C) and g = x[..., 3C:] (x (B, N, 5C)), in the dtype of h."""
+    B, N, D = h.shape
+    y = torch.empty_like(h)
+    rows, warps = FWD_CFG
+    _norm_gate_fwd_kernel[(triton.cdiv(B * N, rows),)](
+        h, x, weight, bias, y, B * N, N, D, h.stride(0), h.stride(1), x.stride(0), x.stride(1), x.shape[-1] - D,
+        eps, BLOCK_D=triton.next_power_of_2(D), ROWS=rows, num_warps=warps)
+    return y
+
+
+def norm_gate_bwd(dy, h, x, weight, bias, eps, dx):
+    """Backward of `norm_gate_fwd`: writes dg into dx[..., 3C:], returns dh and the weight and bias gradients."""
+    dy = dy if dy.stride(-1) == 1 else dy.contiguous()
+    B, N, D = h.shape
+    dh = torch.empty_like(h)
+    rows, warps, programs_per_sm = BWD_CFG
+    n_tiles = triton.cdiv(B * N, rows)
+    grid = min(n_tiles, programs_per_sm * _num_sms(h.device))
+    part = torch.empty(grid, 2, D, device=h.device, dtype=torch.float32)
+    _norm_gate_bwd_kernel[(grid,)](
+        dy, h, x, weight, bias, dh, dx, part, B * N, N, D, h.stride(0), h.stride(1), x.stride(0), x.stride(1),
+        dy.stride(0), dy.stride(1), dx.stride(0), dx.stride(1), x.shape[-1] - D, eps, n_tiles,
+        BLOCK_D=triton.next_power_of_2(D), ROWS=rows, num_warps=warps)
+    dw, db = part.sum(0).unbind(0)
+    return dh, dw.to(weight.dtype, copy=True), db.to(bias.dtype, copy=True)
+
+
+# ---- the op: registered with torch.library so torch.compile traces through it, forward and backward ----
+
+@torch.library.custom_op('hgrn_vision::bihgru_norm_gate_fwd', mutates_args=())
+def _fwd_op(x: torch.Tensor, gamma: torch.Tensor, theta_f: torch.Tensor, theta_r: torch.Tensor,
+            weight: torch.Tensor, bias: torch.Tensor, eps: float) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(y, h): the mixer's output and the scan's, which the backward needs."""
+    x = x if x.stride(-1) == 1 else x.contiguous()
+    C = x.shape[-1] // 5
+    h = bihgru_fwd(x[..., :2 * C], x[..., 2 * C:3 * C], gamma, theta_f, theta_r)
+    return norm_gate_fwd(h, x, weight, bias, eps), h
+
+
+@_fwd_op.register_fake
+def _(x, gamma, theta_f, theta_r, weight, bias, eps):
+    shape = (*x.shape[:-1], x.shape[-1] // 5 * 2)
+    return x.new_empty(shape), x.new_empty(shape)
+
+
+@torch.library.custom_op('hgrn_vision::bihgru_norm_gate_bwd', mutates_args=())
+def _bwd_op(dy: torch.Tensor, x: torch.Tensor, h: torch.Tensor, gamma: torch.Tensor, theta_f: torch.Tensor,
+            theta_r: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float
+            ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Grads of x (one (B, N, 5C) buffer: dg from the row kernel, du and dz from the scan's), gamma, theta_f,
+    theta_r, weight and bias."""
+    x = x if x.stride(-1) == 1 else x.contiguous()
+    C = x.shape[-1] // 5
+    dx = torch.empty(x.shape, device=x.device, dtype=x.dtype)
+    dh, dw, db = norm_gate_bwd(dy, h, x, weight, bias, eps, dx)
+    _, _, dgamma, dtf, dtr = bihgru_bwd(dh, x[..., :2 * C], x[..., 2 * C:3 * C], gamma, theta_f, theta_r,
+                                        du=dx[..., :2 * C], dz=dx[..., 2 * C:3 * C])
+    return dx, dgamma, dtf, dtr, dw, db
+
+
+@_bwd_op.register_fake
+def _(dy, x, h, gamma, theta_f, theta_r, weight, bias, eps):
+    return (torch.empty_like(x), torch.empty_like(gamma), torch.empty_like(theta_f), torch.empty_like(theta_r),
+            torch.empty_like(weight), torch.empty_like(bias))
+
+
+def _setup_context(ctx, inputs, output):
+    x, gamma, theta_f, theta_r, weight, bias, eps = inputs
+    ctx.mark_non_differentiable(output[1])
+    ctx.set_materialize_grads(False)
+    ctx.save_for_backward(x, output[1], gamma, theta_f, theta_r, weight, bias)
+    ctx.eps = eps
+
+
+def _backward(ctx, dy, _):
+    x, h, gamma, theta_f, theta_r, weight, bias = ctx.saved_tensors
+    return *_bwd_op(dy, x, h, gamma, theta_f, theta_r, weight, bias, ctx.eps), None
+
+
+_fwd_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+def bihgru_scan_norm_gate_triton(x, gamma, theta_f, theta_r, weight, bias, eps) -> torch.Tensor:
+    """The fused op (see `hgrn_vision.ops.bihgru_scan_norm_gate`)."""
+    check_triton_device(x)
+    return _fwd_op(x, gamma, theta_f, theta_r, weight, bias, eps)[0]
