@@ -4,10 +4,12 @@ side. Traced on the CPU (the HGRN scan through the Triton op in the interpreter)
 
     python scripts/saved_activations.py                       # hgrn_deit_small vs deit_small_patch16_224 at 224
     python scripts/saved_activations.py --models hgrn_deit_tiny deit_tiny_patch16_224
+    python scripts/saved_activations.py --selective   # each block checkpointed: keep matmul / attention / op outputs
 
 The GPU's peak memory per image (`benchmark.py models`) adds workspace and transients on top of these.
 """
 import argparse
+import functools
 import os
 
 os.environ.setdefault('TRITON_INTERPRET', '1')  # before hgrn_vision imports triton: the op runs on CPU tensors
@@ -16,11 +18,30 @@ import timm  # noqa: E402
 import torch  # noqa: E402
 from torch._functorch.aot_autograd import aot_module_simplified  # noqa: E402
 from torch._functorch.partitioners import min_cut_rematerialization_partition  # noqa: E402
+from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts  # noqa: E402
 
 import hgrn_vision  # noqa: E402,F401  (registers the models)
 
+# what a selective checkpoint keeps: the outputs of matmuls, attention and the HGRU mixer op (costly to redo)
+_KEEP = ('aten.mm', 'aten.addmm', 'aten.bmm', 'aten._scaled_dot_product_flash_attention_for_cpu',
+         'aten._scaled_dot_product_flash_attention', 'aten._scaled_dot_product_efficient_attention',
+         'hgrn_vision.bihgru_norm_gate_fwd')
 
-def saved_activations(name: str, depth: int, res: int):
+
+def _policy(ctx, op, *args, **kwargs):
+    keep = str(op).rsplit('.', 1)[0] in _KEEP
+    return CheckpointPolicy.MUST_SAVE if keep else CheckpointPolicy.PREFER_RECOMPUTE
+
+
+def _checkpoint_blocks(model: torch.nn.Module) -> None:
+    """Run every block under a selective checkpoint with `_policy`: everything else recomputed in the backward."""
+    for blk in model.blocks:
+        blk.forward = functools.partial(
+            checkpoint, blk.forward, use_reentrant=False,
+            context_fn=functools.partial(create_selective_checkpoint_contexts, _policy))
+
+
+def saved_activations(name: str, depth: int, res: int, selective: bool = False):
     """(shape, dtype) of every tensor the forward graph saves whose shape holds the token count (the weights' bf16
     casts are per model, not per image), and the token count. The HGRN models take their default scan for CPU
     tensors ('torch'), so the mixer op is forced to 'triton' (the GPU's path) here."""
@@ -28,6 +49,8 @@ def saved_activations(name: str, depth: int, res: int):
     kwargs = dict(scan_impl='triton') if name.startswith('hgrn') else {}
     model = timm.create_model(name, depth=depth, num_classes=10, img_size=res, **kwargs)
     tokens = model.patch_embed.num_patches + getattr(model, 'num_prefix_tokens', 0)
+    if selective:
+        _checkpoint_blocks(model)
     saved = []
 
     def fw_compiler(gm, example_inputs):
@@ -50,10 +73,12 @@ def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument('--models', nargs='+', default=['hgrn_deit_small', 'deit_small_patch16_224'])
     p.add_argument('--res', type=int, default=224)
+    p.add_argument('--selective', action='store_true',
+                   help='checkpoint every block, keeping only matmul, attention and HGRU op outputs')
     args = p.parse_args()
     for name in args.models:
-        one, _ = saved_activations(name, 1, args.res)
-        two, tokens = saved_activations(name, 2, args.res)
+        one, _ = saved_activations(name, 1, args.res, args.selective)
+        two, tokens = saved_activations(name, 2, args.res, args.selective)
         nbytes = sum(torch.Size(s).numel() * d.itemsize for s, d in two) - \
             sum(torch.Size(s).numel() * d.itemsize for s, d in one)
         width = timm.create_model(name, depth=1).num_features
