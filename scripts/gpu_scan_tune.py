@@ -354,19 +354,10 @@ if __name__ == '__main__':
     if what[0] == 'compare':
         compare(what[1])
         sys.exit()
-    if 'stress' in what:
-        stress()
-    if 'check' in what:
-        check()
-    if 'compile' in what:
-        compile_model()
-    if 'host' in what:
-        host_overhead()
-    if 'onchip' in what:
-        onchip()
-    if 'normgate_tune' in what:
-        normgate_tune()
-    if 'normgate' in what:
-        normgate()
-    if 'tune' in what:
-        tune(measure_copy_bandwidth(torch.device('cuda'))['copy_gbps'])
+    commands = {  # run in this order, whatever the order asked
+        'stress': stress, 'check': check, 'compile': compile_model, 'host': host_overhead, 'onchip': onchip,
+        'normgate_tune': normgate_tune, 'normgate': normgate,
+        'tune': lambda: tune(measure_copy_bandwidth(torch.device('cuda'))['copy_gbps'])}
+    for name, command in commands.items():
+        if name in what:
+            command()

@@ -22,19 +22,25 @@ NAMES = ('out', 'du', 'dz', 'dgamma', 'dtheta_f', 'dtheta_r')
 BOUND = {torch.float32: 1e-5, torch.bfloat16: 2 ** -7, torch.float16: 2 ** -10}
 
 
-def _errors(inputs):
-    """Relative errors of the triton output and gradients against float64 on the same inputs."""
+def _grad_errors(fn, ref_fn, inputs, dout, names):
+    """Relative errors of fn's output and gradients (inputs: leaves that require grad; dout: the output gradient,
+    in the output's dtype) against ref_fn's on the same inputs in float64 (dout rounded the same for both)."""
     ref_in = [t.detach().double().requires_grad_(True) for t in inputs]
-    ref = bihgru_scan_reference(*ref_in)
-    out = bihgru_scan(*inputs, impl='triton')
+    ref = ref_fn(*ref_in)
+    out = fn(*inputs)
     assert out.dtype == inputs[0].dtype and out.shape == ref.shape
-    gen = torch.Generator().manual_seed(0)
-    dout = torch.randn(ref.shape, generator=gen, dtype=ref.dtype).to(out.dtype).double()  # same rounding for both
-    grads = torch.autograd.grad(out, inputs, dout.to(out.dtype))
-    ref_grads = torch.autograd.grad(ref, ref_in, dout)
+    grads = torch.autograd.grad(out, inputs, dout)
+    ref_grads = torch.autograd.grad(ref, ref_in, dout.double())
     for g, t in zip(grads, inputs):
         assert g.dtype == t.dtype and g.shape == t.shape
-    return dict(zip(NAMES, [rel_err(out, ref)] + [rel_err(g, r) for g, r in zip(grads, ref_grads)]))
+    return dict(zip(names, [rel_err(out, ref)] + [rel_err(g, r) for g, r in zip(grads, ref_grads)]))
+
+
+def _errors(inputs):
+    """Relative errors of the triton output and gradients against float64 on the same inputs."""
+    gen = torch.Generator().manual_seed(0)
+    dout = torch.randn(inputs[0].shape, generator=gen, dtype=torch.float64).to(inputs[0].dtype)
+    return _grad_errors(lambda *a: bihgru_scan(*a, impl='triton'), bihgru_scan_reference, inputs, dout, NAMES)
 
 
 def _use_onchip(monkeypatch):
@@ -156,20 +162,14 @@ def _norm_gate_inputs(B, N, C, dtype, seed=0):
 def _norm_gate_errors(inputs, dy_view=False):
     """Relative errors of the fused op's output and gradients against float64 composed from the reference scan."""
     inputs = [t.detach().requires_grad_(True) for t in inputs]
-    ref_in = [t.detach().double().requires_grad_(True) for t in inputs]
-    ref = bihgru_scan_norm_gate(*ref_in, eps=1e-5, impl='reference')
-    out = bihgru_scan_norm_gate(*inputs, eps=1e-5, impl='triton')
-    assert out.dtype == inputs[0].dtype and out.shape == ref.shape
+    shape = (*inputs[0].shape[:-1], inputs[0].shape[-1] // 5 * 2)
     gen = torch.Generator().manual_seed(1)
-    dy = torch.randn(ref.shape, generator=gen).to(out.dtype)
+    dy = torch.randn(shape, generator=gen).to(inputs[0].dtype)
     if dy_view:  # a non-contiguous gradient
-        dy = torch.randn(*ref.shape[:-1], 2 * ref.shape[-1], generator=gen).to(out.dtype)[..., ::2]
-    grads = torch.autograd.grad(out, inputs, dy)
-    ref_grads = torch.autograd.grad(ref, ref_in, dy.double())
-    for g, t in zip(grads, inputs):
-        assert g.dtype == t.dtype and g.shape == t.shape
+        dy = torch.randn(*shape[:-1], 2 * shape[-1], generator=gen).to(inputs[0].dtype)[..., ::2]
     names = ('out', 'dx', 'dgamma', 'dtheta_f', 'dtheta_r', 'dweight', 'dbias')
-    return dict(zip(names, [rel_err(out, ref)] + [rel_err(g, r) for g, r in zip(grads, ref_grads)]))
+    return _grad_errors(lambda *a: bihgru_scan_norm_gate(*a, eps=1e-5, impl='triton'),
+                        lambda *a: bihgru_scan_norm_gate(*a, eps=1e-5, impl='reference'), inputs, dy, names)
 
 
 @pytest.mark.parametrize('B,N,C', [(1, 1, 5), (2, 7, 5), (1, 37, 3), (2, 5, 130)])

@@ -70,6 +70,11 @@ def _check_impl(impl: Optional[str], x: torch.Tensor) -> str:
     return impl
 
 
+def _check_vector(op: str, name: str, t: torch.Tensor, size_name: str, size: int) -> None:
+    if tuple(t.shape) != (size,):
+        raise ValueError(f'{op} expects {name} of shape ({size_name},) = ({size},), got {tuple(t.shape)}.')
+
+
 def _check_inputs(u, z, gamma, theta_f, theta_r) -> None:
     if u.ndim != 3 or z.ndim != 3:
         raise ValueError(
@@ -81,8 +86,7 @@ def _check_inputs(u, z, gamma, theta_f, theta_r) -> None:
             f'bihgru_scan expects u of shape (B, N, 2C) = {(B, N, 2 * C)} to match z {tuple(z.shape)}, '
             f'got u {tuple(u.shape)}: u holds C complex numbers interleaved as (re, im) pairs.')
     for name, t in (('gamma', gamma), ('theta_f', theta_f), ('theta_r', theta_r)):
-        if tuple(t.shape) != (C,):
-            raise ValueError(f'bihgru_scan expects {name} of shape (C,) = ({C},), got {tuple(t.shape)}.')
+        _check_vector('bihgru_scan', name, t, 'C', C)
     for name, t in (('z', z), ('gamma', gamma), ('theta_f', theta_f), ('theta_r', theta_r)):
         if t.device != u.device:
             raise ValueError(f'bihgru_scan expects all inputs on one device: u is on {u.device}, {name} on {t.device}.')
@@ -150,8 +154,7 @@ def bihgru_scan_norm_gate(
     u, z, g = x.split([2 * C, C, 2 * C], dim=-1)
     _check_inputs(u, z, gamma, theta_f, theta_r)
     for name, t in (('norm_weight', norm_weight), ('norm_bias', norm_bias)):
-        if tuple(t.shape) != (2 * C,):
-            raise ValueError(f'bihgru_scan_norm_gate expects {name} of shape (2C,) = ({2 * C},), got {tuple(t.shape)}.')
+        _check_vector('bihgru_scan_norm_gate', name, t, '2C', 2 * C)
     impl = _check_impl(impl, x)
     if impl == 'triton':
         return bihgru_scan_norm_gate_triton(x, gamma, theta_f, theta_r, norm_weight, norm_bias, eps)
