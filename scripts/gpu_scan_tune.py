@@ -258,35 +258,40 @@ def _composed(x, gamma, theta_f, theta_r, weight, bias):
 
 
 def normgate(shapes=((256, 256, 384), (64, 1024, 384), (12, 5329, 384)), check_batch=16):
-    """The fused scan + LayerNorm + gate op: max rel. error of y and its six gradients against the 'torch' scan
-    composed in float64 (first `check_batch` sequences), then time (do_bench, bf16) against `_composed`, both under
-    torch.compile: forward alone and forward + backward."""
+    """The fused scan + LayerNorm + gate op: max rel. error of y and its seven gradients (the last: in_bias's, from
+    the kernels' sums) against the 'torch' scan composed in float64 (first `check_batch` sequences), then time
+    (do_bench, bf16) against `_composed` (in_bias's gradient as a sum of x's), both under torch.compile: forward
+    alone and forward + backward."""
     print('== bihgru_scan_norm_gate: fused op vs scan op + LayerNorm + gate, both compiled ==')
-    fused = torch.compile(lambda *a: bihgru_scan_norm_gate(*a, impl='triton'))
+    fused = torch.compile(lambda *a: bihgru_scan_norm_gate(*a[:-1], in_bias=a[-1], impl='triton'))
     composed = torch.compile(_composed)
     for (B, N, C), dtype in itertools.product(shapes, (torch.bfloat16, torch.float32)):
         u, z, *vec = inputs(B, N, C, dtype)
         g = torch.randn(B, N, 2 * C, device='cuda', dtype=dtype) * 2
         wb = [torch.randn(2 * C, device='cuda') * 0.5 + 1, torch.randn(2 * C, device='cuda') * 0.3]
-        args = [torch.cat([u, z, g], -1).requires_grad_(), *vec, *wb]
-        args[1:] = [t.requires_grad_() for t in args[1:]]
+        args = [torch.cat([u, z, g], -1), *vec, *wb, torch.randn(5 * C, device='cuda')]
+        args = [t.requires_grad_() for t in args]
         dy = torch.randn(B, N, 2 * C, device='cuda', dtype=dtype)
         ref_in = [a.detach()[:check_batch].double().requires_grad_() if i == 0 else a.detach().double().requires_grad_()
-                  for i, a in enumerate(args)]
+                  for i, a in enumerate(args[:-1])]
         ref = bihgru_scan_norm_gate(*ref_in, impl='torch')
         ref = [ref, *torch.autograd.grad(ref, ref_in, dy[:check_batch].double())]
+        ref.append(ref[1].sum((0, 1)))
         small = [args[0].detach()[:check_batch].requires_grad_(), *args[1:]]
-        y = bihgru_scan_norm_gate(*small, impl='triton')
+        y = bihgru_scan_norm_gate(*small[:-1], in_bias=small[-1], impl='triton')
         got = [y, *torch.autograd.grad(y, small, dy[:check_batch])]
         errs = ' '.join(f'{rel_err(a, b):.1e}' for a, b in zip(got, ref))
         del ref_in, ref, small, y, got
-        line = f'{str((B, N, C)):>16} {str(dtype)[6:]:>9}  err y, dx, dgamma, dtf, dtr, dw, db: {errs}'
+        line = f'{str((B, N, C)):>16} {str(dtype)[6:]:>9}  err y, dx, dgamma, dtf, dtr, dw, db, din_bias: {errs}'
         if dtype == torch.bfloat16:
+            runs = {'fused': (lambda: fused(*args), lambda: torch.autograd.grad(fused(*args), args, dy)),
+                    'composed': (lambda: composed(*args[:-1]), lambda: torch.autograd.grad(
+                        composed(*args[:-1]), args[:-1], dy)[0].sum((0, 1)))}
             t = {}
-            for name, fn in (('fused', fused), ('composed', composed)):
+            for name, (fwd, fwd_bwd) in runs.items():
                 with torch.no_grad():
-                    t[name, 'fwd'] = bench(lambda: fn(*args), rep=100)
-                t[name, 'fwd+bwd'] = bench(lambda: torch.autograd.grad(fn(*args), args, dy), rep=100)
+                    t[name, 'fwd'] = bench(fwd, rep=100)
+                t[name, 'fwd+bwd'] = bench(fwd_bwd, rep=100)
             line += ''.join(f'  {k}: fused {t["fused", k] * 1e3:7.1f} us composed {t["composed", k] * 1e3:7.1f} us '
                             f'({t["composed", k] / t["fused", k]:.2f}x)' for k in ('fwd', 'fwd+bwd'))
         print(line)

@@ -25,7 +25,7 @@ import hgrn_vision  # noqa: E402,F401  (registers the models)
 # what a selective checkpoint keeps: the outputs of matmuls, attention and the HGRU mixer op (costly to redo)
 _KEEP = ('aten.mm', 'aten.addmm', 'aten.bmm', 'aten._scaled_dot_product_flash_attention_for_cpu',
          'aten._scaled_dot_product_flash_attention', 'aten._scaled_dot_product_efficient_attention',
-         'hgrn_vision.bihgru_norm_gate_fwd')
+         'aten._scaled_dot_product_cudnn_attention', 'hgrn_vision.bihgru_norm_gate_fwd')
 
 
 def _policy(ctx, op, *args, **kwargs):

@@ -159,29 +159,40 @@ def _norm_gate_inputs(B, N, C, dtype, seed=0):
     return [torch.cat([u, z, g], -1).to(dtype), gamma, tf, tr, weight, bias]
 
 
-def _norm_gate_errors(inputs, dy_view=False):
-    """Relative errors of the fused op's output and gradients against float64 composed from the reference scan."""
+def _norm_gate_errors(inputs, dy_view=False, in_bias=True):
+    """Relative errors of the fused op's output and gradients against float64 composed from the reference scan. With
+    `in_bias` an fp32 bias (5C,) is passed as the mixer passes in_proj's (added detached in x): its gradient, the last,
+    must be x's summed over batch and tokens."""
+    if in_bias:
+        inputs = [*inputs, torch.randn(inputs[0].shape[-1], generator=torch.Generator().manual_seed(2))]
     inputs = [t.detach().requires_grad_(True) for t in inputs]
     shape = (*inputs[0].shape[:-1], inputs[0].shape[-1] // 5 * 2)
     gen = torch.Generator().manual_seed(1)
     dy = torch.randn(shape, generator=gen).to(inputs[0].dtype)
     if dy_view:  # a non-contiguous gradient
         dy = torch.randn(*shape[:-1], 2 * shape[-1], generator=gen).to(inputs[0].dtype)[..., ::2]
-    names = ('out', 'dx', 'dgamma', 'dtheta_f', 'dtheta_r', 'dweight', 'dbias')
-    return _grad_errors(lambda *a: bihgru_scan_norm_gate(*a, eps=1e-5, impl='triton'),
-                        lambda *a: bihgru_scan_norm_gate(*a, eps=1e-5, impl='reference'), inputs, dy, names)
+    names = ('out', 'dx', 'dgamma', 'dtheta_f', 'dtheta_r', 'dweight', 'dbias', 'din_bias')
+
+    def op(impl):
+        if in_bias:
+            return lambda *a: bihgru_scan_norm_gate(*a[:-1], eps=1e-5, in_bias=a[-1], impl=impl)
+        return lambda *a: bihgru_scan_norm_gate(*a, eps=1e-5, impl=impl)
+    return _grad_errors(op('triton'), op('reference'), inputs, dy, names)
 
 
 @pytest.mark.parametrize('B,N,C', [(1, 1, 5), (2, 7, 5), (1, 37, 3), (2, 5, 130)])
 def test_triton_norm_gate_matches_float64(B, N, C, fwd_kernel):
-    """The mixer's scan + LayerNorm + gate op: output and all six gradients (x's in one buffer) in fp32."""
+    """The mixer's scan + LayerNorm + gate op: output and all seven gradients (x's in one buffer, in_bias's from the
+    kernels' sums) in fp32."""
     errs = _norm_gate_errors(_norm_gate_inputs(B, N, C, torch.float32, seed=N + C))
     assert all(e < 1e-5 for e in errs.values()), errs
 
 
 @pytest.mark.parametrize('dtype', [torch.bfloat16, torch.float16])
 def test_triton_norm_gate_half_inputs(dtype):
-    errs = _norm_gate_errors(_norm_gate_inputs(2, 9, 5, dtype, seed=5))
+    """16-bit x, and no in_bias (the op as called when in_proj is not a plain Linear)."""
+    errs = _norm_gate_errors(_norm_gate_inputs(2, 9, 5, dtype, seed=5), in_bias=False)
+    assert set(errs) == {'out', 'dx', 'dgamma', 'dtheta_f', 'dtheta_r', 'dweight', 'dbias'}
     assert all(e < 2 * BOUND[dtype] for e in errs.values()), errs
 
 
@@ -195,9 +206,44 @@ def test_triton_norm_gate_views_and_tiles(monkeypatch):
     assert all(e < 1e-5 for e in errs.values()), errs
 
 
+def test_triton_model_gradients_match_torch_path():
+    """A model whose mixers run the fused op (in_proj's bias added detached, its gradient from the kernels' sums)
+    gives the outputs and parameter gradients of the same model on the PyTorch scan."""
+    import timm
+
+    import hgrn_vision  # noqa: F401  (registers the models)
+    torch.manual_seed(0)
+    model = timm.create_model('hgrn_deit_tiny', depth=2, patch_size=7, num_classes=3, in_chans=1, scan_impl='triton')
+    x = torch.randn(2, 1, 28, 21)
+    grads = {}
+    for impl in ('triton', 'torch'):
+        for blk in model.blocks:
+            blk.mixer.scan_impl = impl
+        model.zero_grad()
+        out = model(x)
+        out.square().sum().backward()
+        grads[impl] = out.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}
+    assert rel_err(grads['triton'][0], grads['torch'][0]) < 1e-5
+    for name, g in grads['torch'][1].items():
+        assert rel_err(grads['triton'][1][name], g) < 1e-4, name
+
+
+def test_norm_gate_in_bias_composed():
+    """The PyTorch paths take in_bias as the Triton op does: x's value as it is, in_bias's gradient the sum of x's."""
+    x, *rest = [t.double() for t in _norm_gate_inputs(2, 5, 3, torch.float64)]
+    x.requires_grad_(True)
+    in_bias = torch.randn(15, dtype=torch.float64, requires_grad=True)
+    out = bihgru_scan_norm_gate(x, *rest, in_bias=in_bias, impl='torch')
+    assert torch.equal(out, bihgru_scan_norm_gate(x, *rest, impl='torch'))
+    dx, db = torch.autograd.grad(out.square().sum(), (x, in_bias))
+    assert torch.allclose(db, dx.sum((0, 1)))
+
+
 def test_norm_gate_input_errors():
     x, gamma, tf, tr, weight, bias = _norm_gate_inputs(1, 3, 2, torch.float32)
     with pytest.raises(ValueError, match=r'x of shape \(B, N, 5C\)'):
         bihgru_scan_norm_gate(x[..., :-1], gamma, tf, tr, weight, bias)
     with pytest.raises(ValueError, match=r'norm_weight of shape \(2C,\) = \(4,\)'):
         bihgru_scan_norm_gate(x, gamma, tf, tr, weight[:3], bias)
+    with pytest.raises(ValueError, match=r'in_bias of shape \(5C,\) = \(10,\)'):
+        bihgru_scan_norm_gate(x, gamma, tf, tr, weight, bias, in_bias=weight)

@@ -133,6 +133,7 @@ def bihgru_scan_norm_gate(
         norm_bias: torch.Tensor,
         eps: float = 1e-5,
         *,
+        in_bias: Optional[torch.Tensor] = None,
         impl: Optional[str] = None,
 ) -> torch.Tensor:
     """`LayerNorm(bihgru_scan(u, z, ...)) * silu(g)` for x = [u | z | g]: the HGRU mixer between its projections.
@@ -142,6 +143,9 @@ def bihgru_scan_norm_gate(
         gamma, theta_f, theta_r: as for `bihgru_scan`.
         norm_weight, norm_bias: the LayerNorm's affine parameters (2C,).
         eps: the LayerNorm's epsilon.
+        in_bias: a bias (5C,) already added into x but detached there (`F.linear(inp, w, in_bias.detach())`): its
+            gradient, x's gradient summed over batch and tokens, then comes through this op (the Triton kernels
+            sum it as they write x's gradient, sparing a pass over it). x's value is taken as it is.
         impl: as for `bihgru_scan`; 'triton' runs one fused op.
 
     Returns:
@@ -155,8 +159,13 @@ def bihgru_scan_norm_gate(
     _check_inputs(u, z, gamma, theta_f, theta_r)
     for name, t in (('norm_weight', norm_weight), ('norm_bias', norm_bias)):
         _check_vector('bihgru_scan_norm_gate', name, t, '2C', 2 * C)
+    if in_bias is not None and tuple(in_bias.shape) != (5 * C,):
+        raise ValueError(
+            f'bihgru_scan_norm_gate expects in_bias of shape (5C,) = ({5 * C},), got {tuple(in_bias.shape)}.')
     impl = _check_impl(impl, x)
     if impl == 'triton':
-        return bihgru_scan_norm_gate_triton(x, gamma, theta_f, theta_r, norm_weight, norm_bias, eps)
+        return bihgru_scan_norm_gate_triton(x, gamma, theta_f, theta_r, norm_weight, norm_bias, eps, in_bias)
+    if in_bias is not None:  # the same value, with in_bias's gradient the sum of x's
+        u, z, g = (x + (in_bias - in_bias.detach())).split([2 * C, C, 2 * C], dim=-1)
     h = _IMPLS[impl](u, z, gamma, theta_f, theta_r)
     return F.layer_norm(h, (2 * C,), norm_weight, norm_bias, eps) * F.silu(g)

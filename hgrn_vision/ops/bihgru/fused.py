@@ -29,7 +29,8 @@ freed after the call); the reverse sweep, a group at a time, re-loads the group'
 recomputes hf_{t-1} and dr_t inside the group in registers and walks the rows backwards beside hr_{t+1} and df_t.
 Both sweeps load the next group's rows (and stash) one group ahead, so that those loads fly while this group
 computes (the same in the forward measured slower at split sequences: docs/PERF.md). Nothing divides by a gate.
-Per-channel gradients (gamma, theta_f, theta_r) are fp32 partials per program, reduced once afterwards.
+Per-channel gradients (gamma, theta_f, theta_r, and the sums of du and dz over the tokens: a bias's gradient) are fp32
+partials per program, reduced once afterwards.
 """
 import functools
 import os
@@ -439,6 +440,7 @@ def _bihgru_bwd_kernel(
         fr, fi = _fold_carries(sp, s_sk, s_ss, cs, cmask, k, n_chunks, 8, False)
         lam_next = lam_after
         dgam, dthf, dthr = zero, zero, zero
+        sz, sur, sui = zero, zero, zero  # sums of dz, Re du, Im du over the chunk's tokens
         n_groups = tl.cdiv(t1 - t0, 4)
         g = t0 + (n_groups - 1) * 4
         rows = _load_group(ub, zb, s_un, s_zn, cs, cmask, g, t1)
@@ -473,11 +475,14 @@ def _bihgru_bwd_kernel(
             dub = du_ptr + b * s_gb + ts[:, None] * s_gn + 2 * cl[None, :]
             tl.store(dub, dur_t.to(du_ptr.dtype.element_ty), mask=mt)
             tl.store(dub + 1, dui_t.to(du_ptr.dtype.element_ty), mask=mt)
+            sz += tl.sum(tl.where(mt, dz_t, 0.), 0)
+            sur += tl.sum(tl.where(mt, dur_t, 0.), 0)
+            sui += tl.sum(tl.where(mt, dui_t, 0.), 0)
             rows, grows, stash = nxt, gnxt, snxt
         pp = part_ptr + b * s_pb + k * s_pk + cs
-        tl.store(pp, dgam, mask=cmask)
-        tl.store(pp + s_ps, dthf, mask=cmask)
-        tl.store(pp + 2 * s_ps, dthr, mask=cmask)
+        sums = (dgam, dthf, dthr, sz, sur, sui)
+        for i in tl.static_range(6):
+            tl.store(pp + i * s_ps, sums[i], mask=cmask)
 
 
 @triton.jit
@@ -586,15 +591,17 @@ def bihgru_fwd(u, z, gamma, theta_f, theta_r) -> torch.Tensor:
 
 
 def bihgru_bwd(dout, u, z, gamma, theta_f, theta_r, du=None, dz=None):
-    """Backward of the fused kernel: grads of u, z, gamma, theta_f, theta_r. The grads of u and z are written into
-    `du` and `dz` when given (views with unit channel stride, e.g. slices of one gradient buffer), else new tensors."""
+    """Backward of the fused kernel: grads of u, z, gamma, theta_f, theta_r, then the sums of the grads of z, Re u
+    and Im u over batch and tokens (fp32 (3, C): the gradient of a bias added into them). The grads of u and z are
+    written into `du` and `dz` when given (views with unit channel stride, e.g. slices of one gradient buffer), else
+    into new tensors."""
     u, z, dout = (t if t.stride(-1) == 1 else t.contiguous() for t in (u, z, dout))
     B, N, C = z.shape
     du = torch.empty(u.shape, device=u.device, dtype=u.dtype) if du is None else du
     dz = torch.empty(z.shape, device=z.device, dtype=z.dtype) if dz is None else dz
     cfg = BWD_CFG[u.element_size()]  # (BLOCK_C, warps, programs per SM)
     n_cblocks, n_chunks, chunk_len = _chunks(B, N, C, u.device, cfg)
-    part = torch.empty(B, n_chunks, 3, C, device=u.device, dtype=torch.float32)
+    part = torch.empty(B, n_chunks, 6, C, device=u.device, dtype=torch.float32)
     summ = torch.empty(B, n_chunks, 16, C, device=u.device, dtype=torch.float32) if n_chunks > 1 else part
     stash = torch.empty(B, triton.cdiv(N, GROUP), 5 * C, device=u.device, dtype=torch.float32)
     grid = (n_cblocks, B, n_chunks)
@@ -606,9 +613,10 @@ def bihgru_bwd(dout, u, z, gamma, theta_f, theta_r, du=None, dz=None):
     if n_chunks > 1:
         _bihgru_bwd_kernel[grid](*args, SUMMARY=True, **meta)
     _bihgru_bwd_kernel[grid](*args, SUMMARY=False, **meta)
-    dgamma, dtf, dtr = part.sum(dim=(0, 1)).unbind(0)  # one reduction; copies so that the outputs do not alias
+    sums = part.sum(dim=(0, 1))  # one reduction; copies so that the op's outputs do not alias
+    dgamma, dtf, dtr = sums[:3].unbind(0)
     return du, dz, dgamma.to(gamma.dtype, copy=True), dtf.to(theta_f.dtype, copy=True), \
-        dtr.to(theta_r.dtype, copy=True)
+        dtr.to(theta_r.dtype, copy=True), sums[3:]
 
 
 def _sum_strides(summ: torch.Tensor, n_chunks: int) -> Tuple[int, int, int]:
@@ -631,7 +639,7 @@ def _(u, z, gamma, theta_f, theta_r):
 @torch.library.custom_op('hgrn_vision::bihgru_scan_bwd', mutates_args=())
 def _bwd_op(dout: torch.Tensor, u: torch.Tensor, z: torch.Tensor, gamma: torch.Tensor, theta_f: torch.Tensor,
             theta_r: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    return bihgru_bwd(dout, u, z, gamma, theta_f, theta_r)
+    return bihgru_bwd(dout, u, z, gamma, theta_f, theta_r)[:5]
 
 
 @_bwd_op.register_fake

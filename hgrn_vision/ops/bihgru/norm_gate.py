@@ -5,18 +5,21 @@ Why one op: the mixer's backward must hand `in_proj` one (B, N, 5C) gradient `[d
 own op, du and dz come out as separate tensors and torch.compile's graph copies them next to dg into a new buffer
 (with the LayerNorm recomputed for dg beside it: 3.3 ms of a 43 ms training step at 224, docs/PERF.md). Here the
 backward allocates that buffer once; a row kernel writes dg into its last 2C columns while computing the LayerNorm
-backward, and the scan's backward kernel writes du and dz into the first 3C.
+backward, and the scan's backward kernel writes du and dz into the first 3C. Both kernels also sum what they write
+over the tokens, which is the gradient of in_proj's bias: the mixer adds that bias detached in in_proj and passes it
+here as `in_bias`, so that its gradient comes from these sums instead of another pass over the (B, N, 5C) gradient.
 
 Row kernels: a program takes ROWS tokens x all 2C channels (the LayerNorm needs a whole token), in fp32, loads first.
 The forward reads h and g, writes y; the backward reads dy, h and g, recomputes the token's mean and rstd from h (no
 stats kept), writes dh and dg, and sums the LayerNorm's weight and bias gradients over its tokens (fp32 partials per
 program, one reduction afterwards). The op keeps h for the backward (2C per token, as the separate ops did).
 """
-from typing import Tuple
+from typing import Optional, Tuple
 
 import torch
 import triton
 import triton.language as tl
+from torch import Tensor
 
 from .fused import _num_sms, _sigmoid, bihgru_bwd, bihgru_fwd, check_triton_device
 
@@ -87,15 +90,16 @@ def _load_bwd_tile(dy_ptr, h_ptr, x_ptr, tile, M, N, D, s_hb, s_hn, s_xb, s_xn, 
 def _norm_gate_bwd_kernel(dy_ptr, h_ptr, x_ptr, w_ptr, b_ptr, dh_ptr, dx_ptr, part_ptr, M, N, D, s_hb, s_hn, s_xb,
                           s_xn, s_dyb, s_dyn, s_dxb, s_dxn, g_off, eps, n_tiles, BLOCK_D: tl.constexpr,
                           ROWS: tl.constexpr):
-    """Tiles pid, pid + programs, ...; the next tile's loads are issued before this tile's reductions. The weight
-    and bias gradients are summed per element over the tiles and reduced over rows once at the end."""
+    """Tiles pid, pid + programs, ...; the next tile's loads are issued before this tile's reductions. Sums the
+    weight and bias gradients and dg over the program's tokens."""
     pid = tl.program_id(0)
     step = tl.num_programs(0)
     cols = tl.arange(0, BLOCK_D)
     w = tl.load(w_ptr + cols, mask=cols < D, other=0.).to(tl.float32)
     b = tl.load(b_ptr + cols, mask=cols < D, other=0.).to(tl.float32)
-    dw = tl.zeros([ROWS, BLOCK_D], dtype=tl.float32)
-    db = tl.zeros([ROWS, BLOCK_D], dtype=tl.float32)
+    dw = tl.zeros([BLOCK_D], dtype=tl.float32)
+    db = tl.zeros([BLOCK_D], dtype=tl.float32)
+    dgs = tl.zeros([BLOCK_D], dtype=tl.float32)
     h, g, dy = _load_bwd_tile(dy_ptr, h_ptr, x_ptr, pid, M, N, D, s_hb, s_hn, s_xb, s_xn, s_dyb, s_dyn, g_off,
                               BLOCK_D, ROWS)
     for tile in range(pid, n_tiles, step):
@@ -108,16 +112,18 @@ def _norm_gate_bwd_kernel(dy_ptr, h_ptr, x_ptr, w_ptr, b_ptr, dh_ptr, dx_ptr, pa
         sg = _sigmoid(g)
         dn = dy * g * sg  # gradient of the normalized, scaled and shifted h
         dg = dy * (xhat * w[None, :] + b[None, :]) * sg * (1. + g * (1. - sg))
-        dw += dn * xhat
-        db += dn
+        dw += tl.sum(dn * xhat, axis=0)  # rows are a thread's own registers: no exchange between threads
+        db += tl.sum(dn, axis=0)
+        dgs += tl.sum(dg, axis=0)
         dxhat = dn * w[None, :]
         c1, c2 = tl.reduce((dxhat * xhat, dxhat), 1, _add2)
         dh = (dxhat - xhat * (c1 / D)[:, None] - (c2 / D)[:, None]) * rstd[:, None]
         tl.store(dh_ptr + oh, dh.to(dh_ptr.dtype.element_ty), mask=m)
         tl.store(dx_ptr + g_off + odx, dg.to(dx_ptr.dtype.element_ty), mask=m)
         h, g, dy = nxt
-    tl.store(part_ptr + pid * 2 * D + cols, tl.sum(dw, axis=0), mask=cols < D)
-    tl.store(part_ptr + pid * 2 * D + D + cols, tl.sum(db, axis=0), mask=cols < D)
+    tl.store(part_ptr + pid * 3 * D + cols, dw, mask=cols < D)
+    tl.store(part_ptr + pid * 3 * D + D + cols, db, mask=cols < D)
+    tl.store(part_ptr + pid * 3 * D + 2 * D + cols, dgs, mask=cols < D)
 
 
 def norm_gate_fwd(h, x, weight, bias, eps):
@@ -132,28 +138,30 @@ def norm_gate_fwd(h, x, weight, bias, eps):
 
 
 def norm_gate_bwd(dy, h, x, weight, bias, eps, dx):
-    """Backward of `norm_gate_fwd`: writes dg into dx[..., 3C:], returns dh and the weight and bias gradients."""
+    """Backward of `norm_gate_fwd`: writes dg into dx[..., 3C:], returns dh, the weight and bias gradients and the
+    sum of dg over batch and tokens (fp32)."""
     dy = dy if dy.stride(-1) == 1 else dy.contiguous()
     B, N, D = h.shape
     dh = torch.empty_like(h)
     rows, warps, programs_per_sm = BWD_CFG
     n_tiles = triton.cdiv(B * N, rows)
     grid = min(n_tiles, programs_per_sm * _num_sms(h.device))
-    part = torch.empty(grid, 2, D, device=h.device, dtype=torch.float32)
+    part = torch.empty(grid, 3, D, device=h.device, dtype=torch.float32)
     _norm_gate_bwd_kernel[(grid,)](
         dy, h, x, weight, bias, dh, dx, part, B * N, N, D, h.stride(0), h.stride(1), x.stride(0), x.stride(1),
         dy.stride(0), dy.stride(1), dx.stride(0), dx.stride(1), x.shape[-1] - D, eps, n_tiles,
         BLOCK_D=triton.next_power_of_2(D), ROWS=rows, num_warps=warps)
-    dw, db = part.sum(0).unbind(0)
-    return dh, dw.to(weight.dtype, copy=True), db.to(bias.dtype, copy=True)
+    dw, db, dgs = part.sum(0).unbind(0)
+    return dh, dw.to(weight.dtype, copy=True), db.to(bias.dtype, copy=True), dgs
 
 
 # ---- the op: registered with torch.library so torch.compile traces through it, forward and backward ----
 
 @torch.library.custom_op('hgrn_vision::bihgru_norm_gate_fwd', mutates_args=())
 def _fwd_op(x: torch.Tensor, gamma: torch.Tensor, theta_f: torch.Tensor, theta_r: torch.Tensor,
-            weight: torch.Tensor, bias: torch.Tensor, eps: float) -> Tuple[torch.Tensor, torch.Tensor]:
-    """(y, h): the mixer's output and the scan's, which the backward needs."""
+            weight: torch.Tensor, bias: torch.Tensor, eps: float, in_bias: Optional[torch.Tensor]
+            ) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(y, h): the mixer's output and the scan's, which the backward needs. `in_bias` is only differentiated."""
     x = x if x.stride(-1) == 1 else x.contiguous()
     C = x.shape[-1] // 5
     h = bihgru_fwd(x[..., :2 * C], x[..., 2 * C:3 * C], gamma, theta_f, theta_r)
@@ -161,7 +169,7 @@ def _fwd_op(x: torch.Tensor, gamma: torch.Tensor, theta_f: torch.Tensor, theta_r
 
 
 @_fwd_op.register_fake
-def _(x, gamma, theta_f, theta_r, weight, bias, eps):
+def _(x, gamma, theta_f, theta_r, weight, bias, eps, in_bias):
     shape = (*x.shape[:-1], x.shape[-1] // 5 * 2)
     return x.new_empty(shape), x.new_empty(shape)
 
@@ -169,41 +177,44 @@ def _(x, gamma, theta_f, theta_r, weight, bias, eps):
 @torch.library.custom_op('hgrn_vision::bihgru_norm_gate_bwd', mutates_args=())
 def _bwd_op(dy: torch.Tensor, x: torch.Tensor, h: torch.Tensor, gamma: torch.Tensor, theta_f: torch.Tensor,
             theta_r: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float
-            ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+            ) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Grads of x (one (B, N, 5C) buffer: dg from the row kernel, du and dz from the scan's), gamma, theta_f,
-    theta_r, weight and bias."""
+    theta_r, weight and bias, and x's gradient summed over batch and tokens (fp32 (5C,), from the kernels' sums)."""
     x = x if x.stride(-1) == 1 else x.contiguous()
     C = x.shape[-1] // 5
     dx = torch.empty(x.shape, device=x.device, dtype=x.dtype)
-    dh, dw, db = norm_gate_bwd(dy, h, x, weight, bias, eps, dx)
-    _, _, dgamma, dtf, dtr = bihgru_bwd(dh, x[..., :2 * C], x[..., 2 * C:3 * C], gamma, theta_f, theta_r,
-                                        du=dx[..., :2 * C], dz=dx[..., 2 * C:3 * C])
-    return dx, dgamma, dtf, dtr, dw, db
+    dh, dw, db, dgs = norm_gate_bwd(dy, h, x, weight, bias, eps, dx)
+    _, _, dgamma, dtf, dtr, sums = bihgru_bwd(dh, x[..., :2 * C], x[..., 2 * C:3 * C], gamma, theta_f, theta_r,
+                                              du=dx[..., :2 * C], dz=dx[..., 2 * C:3 * C])
+    dx_sum = torch.cat([sums[1:].t().flatten(), sums[0], dgs])  # sums rows: z, Re u, Im u; u is (re, im) pairs
+    return dx, dgamma, dtf, dtr, dw, db, dx_sum
 
 
 @_bwd_op.register_fake
 def _(dy, x, h, gamma, theta_f, theta_r, weight, bias, eps):
     return (torch.empty_like(x), torch.empty_like(gamma), torch.empty_like(theta_f), torch.empty_like(theta_r),
-            torch.empty_like(weight), torch.empty_like(bias))
+            torch.empty_like(weight), torch.empty_like(bias), x.new_empty(x.shape[-1], dtype=torch.float32))
 
 
 def _setup_context(ctx, inputs, output):
-    x, gamma, theta_f, theta_r, weight, bias, eps = inputs
+    x, gamma, theta_f, theta_r, weight, bias, eps, in_bias = inputs
     ctx.mark_non_differentiable(output[1])
     ctx.set_materialize_grads(False)
     ctx.save_for_backward(x, output[1], gamma, theta_f, theta_r, weight, bias)
     ctx.eps = eps
+    ctx.in_bias_dtype = None if in_bias is None else in_bias.dtype
 
 
 def _backward(ctx, dy, _):
     x, h, gamma, theta_f, theta_r, weight, bias = ctx.saved_tensors
-    return *_bwd_op(dy, x, h, gamma, theta_f, theta_r, weight, bias, ctx.eps), None
+    *grads, dx_sum = _bwd_op(dy, x, h, gamma, theta_f, theta_r, weight, bias, ctx.eps)
+    return *grads, None, None if ctx.in_bias_dtype is None else dx_sum.to(ctx.in_bias_dtype)
 
 
 _fwd_op.register_autograd(_backward, setup_context=_setup_context)
 
 
-def bihgru_scan_norm_gate_triton(x, gamma, theta_f, theta_r, weight, bias, eps) -> torch.Tensor:
+def bihgru_scan_norm_gate_triton(x, gamma, theta_f, theta_r, weight, bias, eps, in_bias=None) -> torch.Tensor:
     """The fused op (see `hgrn_vision.ops.bihgru_scan_norm_gate`)."""
     check_triton_device(x)
-    return _fwd_op(x, gamma, theta_f, theta_r, weight, bias, eps)[0]
+    return _fwd_op(x, gamma, theta_f, theta_r, weight, bias, eps, in_bias)[0]

@@ -1,0 +1,79 @@
+"""A compiled training step on the GPU, looked at closer than `benchmark.py models` does: the spread of the step time
+(each step between its own pair of CUDA events; median, p10, p90 of 60), the host's time to enqueue one step (wall
+time of the step's Python call right after a sync; when it nears the GPU time, a slower host slows the step), and the
+activation memory per image, optionally with every block under activation checkpointing: `full` (timm's
+`set_grad_checkpointing`) or `selective` (the policy of `scripts/saved_activations.py --selective`: keep the outputs of
+matmuls, attention and the HGRU mixer op, recompute the rest). bf16 autocast, fused AdamW, batch 256 at 224.
+
+    PYTHONPATH=. python scripts/step_probe.py TAG hgrn_deit_small:none hgrn_deit_small:selective \\
+        hgrn_deit_small:full deit_small_patch16_224:none deit_small_patch16_224:selective
+"""
+import os
+import statistics
+import sys
+import time
+
+os.environ['TRITON_INTERPRET'] = '0'  # saved_activations (imported below) defaults it to 1 for its CPU trace
+
+import torch  # noqa: E402
+from saved_activations import _checkpoint_blocks  # noqa: E402  (scripts/ is on sys.path when run as a script)
+
+import hgrn_vision  # noqa: E402,F401  (registers the models)
+from hgrn_vision.benchmark.models import _make_step, create_benchmark_model, prepare_step  # noqa: E402
+
+
+def probe(name: str, ckpt: str, tag: str, batch: int = 256, res: int = 224, steps: int = 60) -> None:
+    torch._dynamo.reset()
+    dev = torch.device('cuda')
+    model = create_benchmark_model(name, res).to(dev)
+    if ckpt == 'selective':
+        _checkpoint_blocks(model)
+    elif ckpt == 'full':
+        model.set_grad_checkpointing(True)
+    elif ckpt != 'none':
+        raise SystemExit(f'unknown checkpointing {ckpt!r}: use none, selective or full (e.g. hgrn_deit_small:none)')
+    opt, x, y = prepare_step(model, 'train', batch, res, dev, {})
+    step = _make_step(torch.compile(model, dynamic=False), x, y, 'train', dev, torch.bfloat16, opt)
+    t = time.perf_counter()
+    step()
+    torch.cuda.synchronize()
+    first = time.perf_counter() - t
+    for _ in range(5):
+        step()
+    torch.cuda.synchronize()
+    base = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    events = []
+    for _ in range(steps):
+        s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        s.record()
+        step()
+        e.record()
+        events.append((s, e))
+    torch.cuda.synchronize()
+    ms = sorted(s.elapsed_time(e) for s, e in events)
+    mem = (torch.cuda.max_memory_allocated() - base) / batch / 1e6
+    host = []
+    for _ in range(15):
+        torch.cuda.synchronize()
+        t = time.perf_counter()
+        step()
+        host.append((time.perf_counter() - t) * 1e3)
+    torch.cuda.synchronize()
+    med = statistics.median(ms)
+    print(f'{tag:>10} {name:>24} ckpt={ckpt:<9} step ms median {med:6.2f} p10 {ms[len(ms) // 10]:6.2f} '
+          f'p90 {ms[9 * len(ms) // 10]:6.2f}  img/s {batch * 1e3 / med:7.1f}  host enqueue ms median '
+          f'{statistics.median(host):6.2f}  act MB/img {mem:6.2f}  first call {first:5.1f} s', flush=True)
+
+
+def main():
+    if len(sys.argv) < 3:
+        raise SystemExit(__doc__)
+    print(torch.cuda.get_device_name(), 'torch', torch.__version__, flush=True)
+    for spec in sys.argv[2:]:
+        name, _, ckpt = spec.partition(':')
+        probe(name, ckpt or 'none', sys.argv[1])
+
+
+if __name__ == '__main__':
+    main()
