@@ -159,9 +159,8 @@ def bihgru_scan_norm_gate(
     _check_inputs(u, z, gamma, theta_f, theta_r)
     for name, t in (('norm_weight', norm_weight), ('norm_bias', norm_bias)):
         _check_vector('bihgru_scan_norm_gate', name, t, '2C', 2 * C)
-    if in_bias is not None and tuple(in_bias.shape) != (5 * C,):
-        raise ValueError(
-            f'bihgru_scan_norm_gate expects in_bias of shape (5C,) = ({5 * C},), got {tuple(in_bias.shape)}.')
+    if in_bias is not None:
+        _check_vector('bihgru_scan_norm_gate', 'in_bias', in_bias, '5C', 5 * C)
     impl = _check_impl(impl, x)
     if impl == 'triton':
         return bihgru_scan_norm_gate_triton(x, gamma, theta_f, theta_r, norm_weight, norm_bias, eps, in_bias)
