@@ -1,9 +1,13 @@
 """The authors' checkpoints load through checkpoint_filter_fn and give identical logits.
 
-`AuthorsHgrnVit` is an independent re-implementation of the authors' formulation written from the math, laid out
-as their code is (sequence-first tokens, separate projections, a Linear patch embedding on (p1 p2 c)-flattened
-patches, complex arithmetic with flipped sequences for the reverse scan) and with their parameter names.
+`data/authors_hgrn/` holds a checkpoint written by the authors' own code with its input and logits (see its
+README): the ground truth. `AuthorsHgrnVit` is an independent re-implementation of the authors' formulation written
+from the math, laid out as their code is (sequence-first tokens, separate projections, a Linear patch embedding on
+(p1 p2 c)-flattened patches, complex arithmetic with flipped sequences for the reverse scan, thetas of shape
+(1, 1, C)) and with their parameter names, for the sizes and channel counts the fixture does not cover.
 """
+from pathlib import Path
+
 import pytest
 import timm
 import torch
@@ -12,6 +16,8 @@ import torch.nn.functional as F
 
 import hgrn_vision  # noqa: F401
 from hgrn_vision.models.hgrn_deit import checkpoint_filter_fn
+
+AUTHORS_FIXTURE = Path(__file__).parent / 'data' / 'authors_hgrn'
 
 
 class AuthorsHgru(nn.Module):
@@ -22,8 +28,8 @@ class AuthorsHgru(nn.Module):
         self.gate = nn.Linear(dim, 2 * dim)
         self.out_proj = nn.Linear(2 * dim, dim)
         self.norm = nn.LayerNorm(2 * dim)
-        self.theta_forward = nn.Parameter(torch.randn(dim) * 3)
-        self.theta_reverse = nn.Parameter(torch.randn(dim) * 3)
+        self.theta_forward = nn.Parameter(torch.randn(1, 1, dim) * 3)  # stored (1, 1, C), as BiHgru1d does
+        self.theta_reverse = nn.Parameter(torch.randn(1, 1, dim) * 3)
 
     @staticmethod
     def scan(a, v):  # (N, B, C) complex, h_t = a_t h_{t-1} + v_t
@@ -109,6 +115,21 @@ def _randomize(module):
             p.copy_(torch.randn(p.shape, generator=g, dtype=p.dtype) * 0.3 + (1 if p.ndim == 1 else 0) * 0.1)
 
 
+@pytest.mark.parametrize('scan_impl', [None, 'torch', 'reference'])
+def test_authors_real_checkpoint_gives_their_logits(scan_impl):
+    """The checkpoint their code wrote loads as the fixture's README shows and gives their logits."""
+    model = timm.create_model(
+        'hgrn_deit_tiny', embed_dim=64, depth=2, num_classes=10, img_size=(42, 56), scan_impl=scan_impl,
+        pretrained=True,
+        pretrained_cfg_overlay=dict(file=str(AUTHORS_FIXTURE / 'checkpoint.pth'), num_classes=10)).eval()
+    x = torch.load(AUTHORS_FIXTURE / 'input.pt')
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), torch.load(AUTHORS_FIXTURE / 'logits_fp32.pt'), rtol=0, atol=1e-5)
+        model = model.double()
+        torch.testing.assert_close(
+            model(x.double()), torch.load(AUTHORS_FIXTURE / 'logits_fp64.pt'), rtol=0, atol=1e-12)
+
+
 @pytest.mark.parametrize('in_chans,size', [(3, (56, 42)), (1, (28, 28))])
 def test_authors_checkpoint_gives_identical_logits(tmp_path, in_chans, size):
     torch.manual_seed(0)
@@ -124,12 +145,16 @@ def test_authors_checkpoint_gives_identical_logits(tmp_path, in_chans, size):
         torch.testing.assert_close(ours(x), authors(x), rtol=1e-10, atol=1e-10)
 
 
-def test_filter_fn_maps_every_authors_tensor():
+@pytest.mark.parametrize('theta_shape', [(1, 1, 8), (8,)])
+def test_filter_fn_maps_every_authors_tensor(theta_shape):
+    """Their thetas load whether stored (1, 1, C), as their code does, or flat (C,)."""
     authors = AuthorsHgrnVit(dim=8, depth=2, patch=14, in_chans=3, num_classes=5)
+    sd = {k: v.reshape(theta_shape) if 'theta' in k else v for k, v in authors.state_dict().items()}
     model = timm.create_model('hgrn_deit_tiny', embed_dim=8, depth=2, num_classes=5)
-    converted = checkpoint_filter_fn(authors.state_dict(), model)
+    converted = checkpoint_filter_fn(sd, model)
     assert set(converted) == set(model.state_dict())
     model.load_state_dict(converted)
+    assert torch.equal(model.blocks[1].mixer.theta_reverse, authors.layers[1].token_mixer.theta_reverse.flatten())
 
 
 def test_filter_fn_rejects_wrong_patch():

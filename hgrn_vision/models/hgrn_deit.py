@@ -310,7 +310,8 @@ def checkpoint_filter_fn(state_dict: Dict[str, torch.Tensor], model: HgrnDeit) -
 
     Authors' names: `to_patch_embedding.1` (a Linear on patches flattened as (p1 p2 c)), `lower_bounds`,
     `layers.{i}.token_norm|feature_norm`, `layers.{i}.token_mixer.{input_proj,lambda_proj,gate,out_proj,norm,
-    theta_forward,theta_reverse}`, `layers.{i}.feature_mixer.{l1,l2,l3}`, `head.1`.
+    theta_forward,theta_reverse}`, `layers.{i}.feature_mixer.{l1,l2,l3}`, `head.1`. Their thetas are stored as
+    (1, 1, C); (C,) is accepted too.
     """
     for key in ('state_dict_ema', 'model_ema', 'state_dict', 'model'):
         if key in state_dict and isinstance(state_dict[key], dict):
@@ -348,12 +349,17 @@ def _convert_authors(sd: Dict[str, torch.Tensor], patch_size: Tuple[int, int]) -
             out[dst + f'mixer.out_proj.{t}'] = sd[tm + f'out_proj.{t}']
             out[dst + f'mlp.fc1.{t}'] = torch.cat([sd[ff + f'l1.{t}'], sd[ff + f'l2.{t}']], 0)
             out[dst + f'mlp.fc2.{t}'] = sd[ff + f'l3.{t}']
-        out[dst + 'mixer.theta_forward'] = sd[tm + 'theta_forward']
-        out[dst + 'mixer.theta_reverse'] = sd[tm + 'theta_reverse']
+        for t in ('theta_forward', 'theta_reverse'):
+            out[dst + f'mixer.{t}'] = _flat_channels(sd[tm + t])
     if 'head.1.weight' in sd:
         out['head.weight'] = sd['head.1.weight']
         out['head.bias'] = sd['head.1.bias']
     return out
+
+
+def _flat_channels(v: torch.Tensor) -> torch.Tensor:
+    """A per-channel vector stored as (1, ..., 1, C), as the authors' BiHgru1d keeps its thetas, as (C,)."""
+    return v.reshape(v.shape[-1]) if v.ndim > 1 and v.shape[:-1].numel() == 1 else v
 
 
 def _check_shapes(state_dict: Dict[str, torch.Tensor], model: HgrnDeit) -> None:
