@@ -162,3 +162,13 @@ def test_filter_fn_rejects_wrong_patch():
     model = timm.create_model('hgrn_deit_tiny', embed_dim=8, depth=2, num_classes=5)
     with pytest.raises(ValueError, match='does not fit patches of 14x14'):
         checkpoint_filter_fn(authors.state_dict(), model)
+
+
+@pytest.mark.parametrize('name', ['hgrn_deit_tiny', 'hgrn_deit_small', 'hgrn_deit_base'])
+def test_cfg_names_the_source_and_no_weights(name):
+    """A user reading the cfg learns the paper, where the architecture comes from, and that no weights ship."""
+    cfg = timm.create_model(name, device='meta').pretrained_cfg
+    assert not any(cfg.get(k) for k in ('url', 'file', 'hf_hub_id', 'state_dict')) and cfg['tag'] == 'untrained'
+    assert cfg['paper_ids'] == 'arXiv:2311.04823' and cfg['license'] == 'apache-2.0'
+    notes = ' '.join(cfg['notes'])
+    assert 'OpenNLPLab/im' in notes and 'Doraemonzzz/hgru-pytorch' in notes and 'pretrained_cfg_overlay' in notes

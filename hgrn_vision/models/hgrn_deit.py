@@ -4,10 +4,17 @@ Paper:
 * `Hierarchically Gated Recurrent Neural Network for Sequence Modeling` - https://arxiv.org/abs/2311.04823
   (Zhen Qin, Songlin Yang, Yiran Zhong, NeurIPS 2023)
 
-Faithful to the authors' released vision code (https://github.com/OpenNLPLab/HGRN): patch 14, no class token,
-no position embedding, pre-norm blocks of HGRU mixer + GLU, hierarchical lower bounds on the forget gate shared
-across depth, mean pooling, a parameter-free RMS norm and a linear head. Their checkpoints load through
-`checkpoint_filter_fn`. Written for timm's model API.
+Architecture of the authors' released vision code, re-implemented for timm's model API:
+* https://github.com/OpenNLPLab/im (`classification/models/hgrn/`, `Hgrn1dVit`)
+* https://github.com/Doraemonzzz/hgru-pytorch (`hgru/bihgru1d.py`, `BiHgru1d`: the HGRU token mixer)
+Patch 14, no class token, no position embedding, pre-norm blocks of HGRU mixer + GLU, hierarchical lower bounds on
+the forget gate shared across depth, mean pooling, a parameter-free RMS norm and a linear head.
+
+This code is Apache-2.0; for the license of the authors' code see their repositories. No pretrained weights ship:
+the `default_cfgs` entries are tagged `untrained` and name no weight source. Local weights, ours or the authors'
+(converted by `checkpoint_filter_fn`), load with
+`timm.create_model(name, pretrained=True, pretrained_cfg_overlay=dict(file='path/to/checkpoint.pth'))`; for a
+checkpoint of other than 1000 classes put its `num_classes` in the overlay too, or timm drops its classifier.
 """
 from typing import Any, Dict, List, Optional, Set, Tuple, Union
 
@@ -401,14 +408,18 @@ def _cfg(url: str = '', **kwargs) -> Dict[str, Any]:
         'first_conv': 'patch_embed.proj', 'classifier': 'head',
         'paper_ids': 'arXiv:2311.04823',
         'paper_name': 'Hierarchically Gated Recurrent Neural Network for Sequence Modeling',
-        'origin_url': 'https://github.com/OpenNLPLab/HGRN',
+        'origin_url': 'https://github.com/OpenNLPLab/im',
         'license': 'apache-2.0',
+        'notes': (
+            'Architecture from https://github.com/OpenNLPLab/im and https://github.com/Doraemonzzz/hgru-pytorch; '
+            'the license is that of this code, see those repositories for theirs.',
+            "No weights ship: load local ones (ours or the authors') with pretrained=True, "
+            "pretrained_cfg_overlay=dict(file='path/to/checkpoint.pth').",
+        ),
         **kwargs,
     }
 
 
-# No weights are published with this package: the entries are tagged `untrained` and name no weight source.
-# Load local weights with `pretrained=True, pretrained_cfg_overlay=dict(file='path/to/checkpoint.pth')`.
 default_cfgs = generate_default_cfgs({
     'hgrn_deit_tiny.untrained': _cfg(),
     'hgrn_deit_small.untrained': _cfg(),
