@@ -1,6 +1,7 @@
 """The evaluation behind `validate.py`: top-1 / top-5 / loss of a model or a `train.py` checkpoint, as timm's
-`--result` JSON. EMA weights are preferred when the checkpoint has them (`--no-ema` for the raw ones); model name,
-kwargs, classes, channels and normalisation default to the values the checkpoint was trained with.
+`--result` JSON, which names the model and its kwargs. EMA weights are preferred when the checkpoint has them
+(`--no-ema` for the raw ones); model name, kwargs, classes, channels and normalisation default to the values the
+checkpoint was trained with, and a `--model` / `--model-kwargs` that names another model is refused.
 """
 import argparse
 import json
@@ -36,6 +37,7 @@ def validate(args: argparse.Namespace) -> Dict[str, Any]:
         ckpt = load_checkpoint_file(args.checkpoint)
         saved = ckpt.get('args') if isinstance(ckpt.get('args'), dict) else {}
         defaults = validate_parser().parse_args([])
+        _check_model_agrees(args, defaults, saved.get('model') or ckpt.get('arch'), saved.get('model_kwargs'))
         for key in _FROM_CHECKPOINT:
             if key in saved and getattr(args, key) == getattr(defaults, key):
                 setattr(args, key, saved[key])
@@ -78,6 +80,7 @@ def validate(args: argparse.Namespace) -> Dict[str, Any]:
     top1, top5 = metrics['top1'], metrics['top5']
     results = OrderedDict(
         model=args.model,
+        model_kwargs=dict(args.model_kwargs or {}),
         top1=round(top1, 4), top1_err=round(100 - top1, 4),
         top5=round(top5, 4), top5_err=round(100 - top5, 4),
         loss=round(metrics['loss'], 5),
@@ -94,6 +97,40 @@ def validate(args: argparse.Namespace) -> Dict[str, Any]:
     _logger.info(' * Acc@1 {:.3f} ({:.3f}) Acc@5 {:.3f} ({:.3f})'.format(
         results['top1'], results['top1_err'], results['top5'], results['top5_err']))
     return results
+
+
+def _describe(name: str, kwargs: Optional[Dict[str, Any]]) -> str:
+    if not kwargs:
+        return name
+    return f'{name} with model_kwargs {{' + ', '.join(f'{k}: {v}' for k, v in kwargs.items()) + '}'
+
+
+def _check_model_agrees(
+        args: argparse.Namespace,
+        defaults: argparse.Namespace,
+        trained: Any,
+        trained_kwargs: Optional[Dict[str, Any]],
+) -> None:
+    """Refuse a `--model` / `--model-kwargs` (flag or config file) that names another model than the checkpoint's.
+
+    `--model` alone means that model as registered, without kwargs; `--model-kwargs` alone, the checkpoint's model
+    with those kwargs. Kwargs are compared where the checkpoint saved them.
+    """
+    name, kwargs = args.model or trained, dict(args.model_kwargs or {})
+    given = {}
+    if args.model != defaults.model:
+        given['--model'] = args.model
+    if kwargs != defaults.model_kwargs:
+        given['--model-kwargs'] = ' '.join(f'{k}={v}' for k, v in kwargs.items())
+    if not given or not isinstance(trained, str):
+        return
+    if name == trained and (trained_kwargs is None or kwargs == trained_kwargs):
+        return
+    raise UserError(
+        ' '.join(f'{flag} {value}' for flag, value in given.items()) +
+        f' disagrees with checkpoint {args.checkpoint!r}, trained as {_describe(trained, trained_kwargs)}: drop '
+        f'{" and ".join(given)} to evaluate the checkpoint\'s own model, or pass a checkpoint of '
+        f'{_describe(name, kwargs)}.')
 
 
 def write_results(results: Dict[str, Any], results_file: str = '') -> None:
