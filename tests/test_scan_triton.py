@@ -247,3 +247,45 @@ def test_norm_gate_input_errors():
         bihgru_scan_norm_gate(x, gamma, tf, tr, weight[:3], bias)
     with pytest.raises(ValueError, match=r'in_bias of shape \(5C,\) = \(10,\)'):
         bihgru_scan_norm_gate(x, gamma, tf, tr, weight, bias, in_bias=weight)
+
+
+def _infer_error(inputs, chunks=None):
+    """Relative error of the one-kernel inference forward (`mixer_fwd`, or the op under no_grad when `chunks` is None)
+    against float64 composed from the reference scan."""
+    with torch.no_grad():
+        if chunks is None:
+            y = bihgru_scan_norm_gate(*inputs, eps=1e-5, impl='triton')
+        else:
+            y = norm_gate.mixer_fwd(*inputs, 1e-5, chunks=chunks)
+        ref = bihgru_scan_norm_gate(*[t.double() for t in inputs], eps=1e-5, impl='reference')
+    assert y.dtype == inputs[0].dtype and y.shape == ref.shape
+    return rel_err(y, ref)
+
+
+@pytest.mark.parametrize('B,N,C,chunks', [(1, 1, 5, None), (2, 37, 5, None), (3, 9, 130, None), (1, 41, 3, (3, 16)),
+                                          (2, 50, 7, (4, 16)), (1, 70, 6, (2, 36))])
+def test_triton_mixer_infer_matches_float64(B, N, C, chunks):
+    """The inference forward (all channels of a token in one program, h never written) in fp32: odd token counts,
+    channels not a power of 2, rows split into chunks whose carries come from a summary pass."""
+    assert _infer_error(_norm_gate_inputs(B, N, C, torch.float32, seed=N + C), chunks) < 1e-5
+
+
+@pytest.mark.parametrize('dtype', [torch.bfloat16, torch.float16])
+def test_triton_mixer_infer_half_inputs_and_views(dtype):
+    """16-bit x as a strided view (rows of a wider tensor): y rounds once, from fp32."""
+    x, *rest = _norm_gate_inputs(2, 19, 3, torch.float32, seed=4)
+    wide = torch.cat([x, torch.randn(2, 19, 4)], -1).to(dtype)
+    assert _infer_error([wide[..., :15], *rest]) < BOUND[dtype]
+
+
+def test_triton_mixer_infer_taken_without_grad(monkeypatch):
+    """The op takes the one-kernel forward exactly when no gradient is needed."""
+    calls = []
+    monkeypatch.setattr(norm_gate, 'mixer_fwd', lambda *a, **k: calls.append(1) or torch.zeros(1, 2, 4))
+    x, *rest = _norm_gate_inputs(1, 2, 2, torch.float32)
+    with torch.no_grad():
+        bihgru_scan_norm_gate(x, *rest, impl='triton')
+    bihgru_scan_norm_gate(x, *rest, impl='triton')  # nothing requires grad
+    assert len(calls) == 2
+    bihgru_scan_norm_gate(x.requires_grad_(), *rest, impl='triton')
+    assert len(calls) == 2
