@@ -4,9 +4,7 @@ torch.compile of a model, block-size tuning, host overhead, the mixer's fused sc
 Run on the lent GPU: `PYTHONPATH=. python scripts/gpu_scan_tune.py [WHAT ...]` with WHAT among stress, check,
 compile, tune (the default: these four), host (the host-side cost of the op's Python paths), onchip (the one-read
 forward against the two-sweep one), normgate (the fused scan + LayerNorm + gate op against the scan op composed with
-them), normgate_tune (that op's row kernels' configs), mixer (the one-kernel inference forward: check, configs, against
-the two ops), mixer_models (compiled
-model inference with it and without); or `... compare OTHER_FUSED.py` (forward and backward against
+them), normgate_tune (that op's row kernels' configs); or `... compare OTHER_FUSED.py` (forward and backward against
 another version of fused.py, e.g. `git show REV:hgrn_vision/ops/bihgru/fused.py > /tmp/f.py`). Prints tables;
 nothing is timed in tests.
 """
@@ -339,111 +337,6 @@ def normgate_tune(shapes=((256, 256, 384), (12, 5329, 384))):
     ng.FWD_CFG, ng.BWD_CFG = defaults
 
 
-MIXER_CFGS = [(4, 16, 1, 1), (4, 16, 1, 3), (4, 8, 1, 3), (8, 16, 1, 3), (2, 16, 1, 3), (4, 4, 1, 3), (4, 16, 2, 3)]
-
-
-def mixer(shapes=((256, 256, 384), (12, 5329, 384), (256, 256, 192), (256, 256, 768)),
-          check_shapes=((256, 256, 384), (12, 5329, 384), (7, 333, 130)), check_batch=8):
-    """The one-kernel inference forward of the mixer (`norm_gate.mixer_fwd`): max rel. error against float64 (first
-    `check_batch` rows; the kernel runs on the whole batch), then GPU time (do_bench, bf16) of each MIXER_CFG against
-    the training forward's two ops (scan kernel writing h, then the row kernel), in % of the copy bandwidth over its
-    floor (read x 5C, write y 2C), with the host path's time per call beside it."""
-    bw = measure_copy_bandwidth(torch.device('cuda'))['copy_gbps']
-    print(f'== mixer inference forward; copy bandwidth {bw:.0f} GB/s; floor 7 elements per (B, N, C) ==')
-    for (B, N, C), dtype in itertools.product(check_shapes, (torch.bfloat16, torch.float32)):
-        u, z, *vec = inputs(B, N, C, dtype)
-        x = torch.cat([u, z, torch.randn(B, N, 2 * C, device='cuda', dtype=dtype) * 2], -1)
-        w, b = torch.randn(2 * C, device='cuda') * 0.5 + 1, torch.randn(2 * C, device='cuda') * 0.3
-        with torch.no_grad():
-            y = ng.mixer_fwd(x, *vec, w, b, 1e-5)[:check_batch]
-            ref = bihgru_scan_norm_gate(x[:check_batch].double(), *[t.double() for t in (*vec, w, b)], impl='torch')
-        print(f'check {str((B, N, C)):>18} {str(dtype)[6:]:>9} chunks {ng._mixer_chunks(B, N, x.device)} '
-              f'rel err {rel_err(y, ref):.2e}  NaN {bool(y.isnan().any())}')
-        sys.stdout.flush()
-    default = ng.MIXER_CFG
-    for B, N, C in shapes:
-        u, z, *vec = inputs(B, N, C, torch.bfloat16)
-        x = torch.cat([u, z, torch.randn(B, N, 2 * C, device='cuda', dtype=torch.bfloat16)], -1)
-        w, b = torch.randn(2 * C, device='cuda') + 1, torch.randn(2 * C, device='cuda')
-        floor = 7 * B * N * C * 2
-        C2 = 2 * C
-        two_ops = lambda: ng.norm_gate_fwd(fz.bihgru_fwd(x[..., :C2], x[..., C2:C2 + C], *vec), x, w, b, 1e-5)
-        rows = [('scan + row kernel', bench(two_ops, rep=100), _host_us(two_ops))]
-        regs = {}
-        run = ng._mixer_fwd_kernel.run
-        for cfg in MIXER_CFGS:
-            ng.MIXER_CFG = cfg
-            fn = lambda: ng.mixer_fwd(x, *vec, w, b, 1e-5)
-
-            def spy(*a, cfg=cfg, **k):  # registers and spills of the main kernel, from the compiled handle
-                kern = run(*a, **k)
-                if not k.get('SUMMARY'):
-                    regs[f'one kernel {cfg}'] = (kern.n_regs, kern.n_spills)
-                return kern
-            ng._mixer_fwd_kernel.run = spy
-            try:
-                fn()
-                ng._mixer_fwd_kernel.run = run
-                rows.append((f'one kernel {cfg}', bench(fn, rep=100), _host_us(fn)))
-            except Exception as e:  # noqa: BLE001  (a config that does not compile is reported, not fatal)
-                ng._mixer_fwd_kernel.run = run
-                print(f'{str((B, N, C)):>18} {cfg} failed {type(e).__name__} {str(e)[:200]}')
-        ng.MIXER_CFG = default
-        for name, ms, host_us in rows:
-            if name in regs:
-                name += f' r{regs[name][0]} s{regs[name][1]}'
-            gbps = floor / ms / 1e6
-            print(f'{str((B, N, C)):>18} {name:>34} {ms * 1e3:8.1f} us  {floor / ms / 1e6:6.0f} GB/s  '
-                  f'{100 * gbps / bw:5.1f}% copy  {bw / gbps:4.2f}x floor  host {host_us[0]:6.1f} us')
-        sys.stdout.flush()
-
-
-def _two_op_mixer_fwd(x, gamma, theta_f, theta_r, weight, bias, eps, chunks=None):
-    """The inference forward before the one-kernel one: the scan kernel writes h, the row kernel reads it."""
-    C = x.shape[-1] // 5
-    return ng.norm_gate_fwd(fz.bihgru_fwd(x[..., :2 * C], x[..., 2 * C:3 * C], gamma, theta_f, theta_r), x, weight,
-                            bias, eps)
-
-
-def mixer_models(resolutions=(224, 1024, 2048), models=('hgrn_deit_small', 'deit_small_patch16_224'), rounds=2):
-    """Compiled bf16 inference step time (do_bench) of each model at 256 * 224^2 pixels a batch, HGRN both with the
-    one-kernel mixer forward and with the two ops it replaces (swapped in at run time: the same compiled graph calls
-    the op), alternating `rounds` times; ratios against the last model."""
-    import timm
-
-    import hgrn_vision  # noqa: F401
-    new = ng.mixer_fwd
-    print(f'== compiled inference, bf16 autocast: {", ".join(models)}; "two-op" = HGRN with the previous forward ==')
-    for res in resolutions:
-        batch = max(1, 256 * 224 * 224 // (res * res))
-        x = torch.randn(batch, 3, res, res, device='cuda')
-        fns = {}
-        for name in models:
-            model = timm.create_model(name, img_size=res).cuda().eval()
-            cm = torch.compile(model)
-
-            def step(cm=cm):
-                with torch.no_grad(), torch.autocast('cuda', dtype=torch.bfloat16):
-                    return cm(x)
-            step()
-            fns[name] = step
-        times = {}
-        for _ in range(rounds):
-            for variant in ('one-kernel', 'two-op'):
-                ng.mixer_fwd = new if variant == 'one-kernel' else _two_op_mixer_fwd
-                times.setdefault(f'{models[0]} {variant}', []).append(bench(fns[models[0]], rep=300))
-            ng.mixer_fwd = new
-            for name in models[1:]:
-                times.setdefault(name, []).append(bench(fns[name], rep=300))
-        ref = min(times[models[-1]])
-        for name, ts in times.items():
-            print(f'res {res:5d} batch {batch:4d} {name:>36}: {" ".join(f"{t:7.3f}" for t in ts)} ms  '
-                  f'{batch / min(ts) * 1e3:9.1f} img/s  {ref / min(ts):5.2f}x {models[-1]}')
-        sys.stdout.flush()
-        del fns
-        torch.cuda.empty_cache()
-
-
 def compile_model():
     import timm
 
@@ -468,7 +361,7 @@ if __name__ == '__main__':
         sys.exit()
     commands = {  # run in this order, whatever the order asked
         'stress': stress, 'check': check, 'compile': compile_model, 'host': host_overhead, 'onchip': onchip,
-        'normgate_tune': normgate_tune, 'normgate': normgate, 'mixer': mixer, 'mixer_models': mixer_models,
+        'normgate_tune': normgate_tune, 'normgate': normgate,
         'tune': lambda: tune(measure_copy_bandwidth(torch.device('cuda'))['copy_gbps'])}
     for name, command in commands.items():
         if name in what:

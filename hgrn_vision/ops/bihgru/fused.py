@@ -4,9 +4,9 @@ A program owns `BLOCK_C` channels (one per thread) of one batch row and walks th
 4 rows whose loads are issued together so that their latencies overlap (a group's stores come after all its loads: a
 store before a load that may alias it would make the load wait). The forward makes a forward sweep that runs hf and
 stashes only the state entering each group (2 fp32 per group and channel), then a reverse sweep, a group at a time,
-that re-reads the group's u and z (at large batches mostly from DRAM again: docs/PERF.md), recomputes its hf from
+that re-reads the group's u and z (at large batches mostly from DRAM again: docs/performance.md), recomputes its hf from
 the stash in registers, runs hr and writes hf + hr once. No flipped copies, no gates or states materialised by
-PyTorch, fp32 state for any input dtype. Measured speed and its limits: docs/PERF.md.
+PyTorch, fp32 state for any input dtype. Measured speed and its limits: docs/performance.md.
 
 Short sequences in small batches (N <= ONCHIP_MAX_N, at most 1.5 programs per SM) take a one-read forward instead:
 a program loads its whole sequence of BLOCK_C channels once, into registers, as W chunks of T rows (one thread per
@@ -28,7 +28,7 @@ only what enters each group of 4 rows (hf, dr, lam: 5 fp32 per group and channel
 freed after the call); the reverse sweep, a group at a time, re-loads the group's rows (which it needs anyway),
 recomputes hf_{t-1} and dr_t inside the group in registers and walks the rows backwards beside hr_{t+1} and df_t.
 Both sweeps load the next group's rows (and stash) one group ahead, so that those loads fly while this group
-computes (the same in the forward measured slower at split sequences: docs/PERF.md). Nothing divides by a gate.
+computes (the same in the forward measured slower at split sequences: docs/performance.md). Nothing divides by a gate.
 Per-channel gradients (gamma, theta_f, theta_r, and the sums of du and dz over the tokens: a bias's gradient) are fp32
 partials per program, reduced once afterwards.
 """
@@ -42,10 +42,10 @@ import triton.language as tl
 
 # (channels per program (one per thread), warps, programs per SM to aim for) of each kernel by input element size,
 # and the shortest chunk when a sequence is split. From sweeps on an H100 (scripts/gpu_scan_tune.py tune / compare,
-# docs/PERF.md): more resident warps keep more loads in flight, so small programs and few registers win. The
+# docs/performance.md): more resident warps keep more loads in flight, so small programs and few registers win. The
 # 16-bit forward gains from more, smaller programs (1.07-1.26x at the split and C = 192 shapes, run19); so does the
 # 16-bit backward once it loads a group ahead (run21: 415 vs 434 us at (256, 256, 384), equal at (16, 5329, 384)).
-# The fp32 forward lost with them (0.83x at (64, 1024, 384), a run whose log was lost: docs/PERF.md) and the fp32
+# The fp32 forward lost with them (0.83x at (64, 1024, 384), a run whose log was lost: docs/performance.md) and the fp32
 # configs were not swept again, so they keep (64, 2, 8).
 FWD_CFG = {2: (32, 1, 16), 4: (64, 2, 8)}
 BWD_CFG = {2: (32, 1, 16), 4: (64, 2, 8)}
@@ -64,7 +64,7 @@ GROUP = 4
 
 # sigmoid in 4 instructions (ex2 and rcp, both flushing denormals) instead of tl.sigmoid's ~11 (a denormal-exact exp and
 # a range-checked division): 27% fewer instructions per element in the forward's loops (SASS for sm_90a), 1.04-1.08x
-# on the bf16 forward (docs/PERF.md, run20). Triton's interpreter cannot run PTX, so there it is tl.sigmoid; on the GPU
+# on the bf16 forward (docs/performance.md, run20). Triton's interpreter cannot run PTX, so there it is tl.sigmoid; on the GPU
 # `scripts/gpu_scan_tune.py check` covers the PTX against float64.
 _PTX_SIGMOID = tl.constexpr(os.environ.get('TRITON_INTERPRET', '0') != '1')
 
@@ -552,7 +552,7 @@ def _chunks(B: int, N: int, C: int, device: torch.device, cfg: Tuple[int, int, i
     """Channel blocks, chunks and chunk length for a kernel's `cfg` (an entry of FWD_CFG / BWD_CFG): split the
     sequence only when B x C alone cannot fill the GPU (the cfg's programs per SM), and then into enough chunks for
     twice that: the split costs a summary pass either way, and more, shorter chains hide more latency (measured:
-    docs/PERF.md)."""
+    docs/performance.md)."""
     block_c, _, programs_per_sm = cfg
     n_cblocks = triton.cdiv(C, block_c)
     target = programs_per_sm * _num_sms(device)

@@ -3,7 +3,7 @@ input projection's whole output `x = [u | z | g]` (B, N, 5C).
 
 Why one op: the mixer's backward must hand `in_proj` one (B, N, 5C) gradient `[du | dz | dg]`. With the scan as its
 own op, du and dz come out as separate tensors and torch.compile's graph copies them next to dg into a new buffer
-(with the LayerNorm recomputed for dg beside it: 3.3 ms of a 43 ms training step at 224, docs/PERF.md). Here the
+(with the LayerNorm recomputed for dg beside it: 3.3 ms of a 43 ms training step at 224, docs/performance.md). Here the
 backward allocates that buffer once; a row kernel writes dg into its last 2C columns while computing the LayerNorm
 backward, and the scan's backward kernel writes du and dz into the first 3C. Both kernels also sum what they write
 over the tokens, which is the gradient of in_proj's bias: the mixer adds that bias detached in in_proj and passes it
@@ -21,18 +21,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from .fused import (
-    MIN_CHUNK,
-    _channels,
-    _compose,
-    _fold_carries,
-    _num_sms,
-    _sigmoid,
-    _store_map,
-    bihgru_bwd,
-    bihgru_fwd,
-    check_triton_device,
-)
+from .fused import _num_sms, _sigmoid, bihgru_bwd, bihgru_fwd, check_triton_device
 
 # (tokens per program tile, warps) of the forward, and (tokens per tile, warps, programs per SM) of the backward, whose
 # programs loop over tiles summing the weight and bias gradients of their tokens. H100, bf16, 2C = 768
@@ -166,165 +155,6 @@ def norm_gate_bwd(dy, h, x, weight, bias, eps, dx):
     return dh, dw.to(weight.dtype, copy=True), db.to(bias.dtype, copy=True), dgs
 
 
-# ---- the inference forward: the whole mixer in one kernel, h never written ----
-
-# (tokens per group, warps per 512 channels, programs per SM): a program owns all channels of one batch row (a chunk
-# of it when B alone cannot fill the GPU), one thread per channel, and groups of MIXER_ROWS tokens as tiles.
-MIXER_CFG = (4, 16, 1, 3)
-
-
-@triton.jit
-def _mixer_group(xb, s_xn, g, t1, cs, cmask, C, gamma, GATE: tl.constexpr, ROWS: tl.constexpr):
-    """Gates of the group of ROWS tokens from g: lam (0 on masked rows and channels), Re v, Im v, and the gate g of
-    the output (Re, Im halves) when GATE, else zeros."""
-    ts = g + tl.arange(0, ROWS)
-    mt = (ts < t1)[:, None] & cmask[None, :]
-    cl = tl.where(cmask, cs, 0)[None, :]  # not provably contiguous: no vectorised loads, one column per thread
-    p = xb + ts.to(tl.int64)[:, None] * s_xn + cl
-    z = tl.load(p + 2 * C, mask=mt, other=0.).to(tl.float32)
-    ur = tl.load(p + cl, mask=mt, other=0.).to(tl.float32)
-    ui = tl.load(p + cl + 1, mask=mt, other=0.).to(tl.float32)
-    if GATE:
-        gr = tl.load(p + 3 * C, mask=mt, other=0.).to(tl.float32)
-        gi = tl.load(p + 4 * C, mask=mt, other=0.).to(tl.float32)
-    else:
-        gr = tl.zeros(z.shape, tl.float32)
-        gi = gr
-    lam = tl.where(mt, gamma[None, :] + (1. - gamma[None, :]) * _sigmoid(z), 0.)
-    w = 1. - lam
-    return mt, lam, w * ur * _sigmoid(ur), w * ui * _sigmoid(ui), gr, gi
-
-
-@triton.jit
-def _last_row(x, ROWS: tl.constexpr):
-    """Row ROWS - 1 of a (ROWS, BLOCK_C) tile (a thread holds a column: no exchange)."""
-    return tl.sum(tl.where(tl.arange(0, ROWS)[:, None] == ROWS - 1, x, 0.), 0)
-
-
-@triton.jit
-def _first_row(x, ROWS: tl.constexpr):
-    return tl.sum(tl.where(tl.arange(0, ROWS)[:, None] == 0, x, 0.), 0)
-
-
-@triton.jit
-def _group_maps(mt, lam, vr, vi, cos, sin, REVERSE: tl.constexpr):
-    """Per row, the map of the group's rows up to it (REVERSE: from it to the group's end) of one recurrence
-    h <- lam e^{i theta} h + v: (A, B) tiles, h_row = A h_entering + B."""
-    ar = tl.where(mt, lam * cos[None, :], 1.)
-    ai = lam * sin[None, :]
-    return tl.associative_scan((ar, ai, vr, vi), 0, _compose, reverse=REVERSE)
-
-
-@triton.jit
-def _apply(Ar, Ai, Br, Bi, hr, hi):
-    """A h + B for tiles A, B and a carried state h (one per channel)."""
-    return Ar * hr[None, :] - Ai * hi[None, :] + Br, Ar * hi[None, :] + Ai * hr[None, :] + Bi
-
-
-@triton.jit
-def _mixer_fwd_kernel(
-        x_ptr, gamma_ptr, tf_ptr, tr_ptr, w_ptr, b_ptr, y_ptr, sum_ptr, scr_ptr,
-        N, C, n_chunks, chunk_len, eps,
-        s_xb, s_xn, s_yb, s_yn, s_sb, s_sk, s_ss, s_kb, s_kn,
-        BLOCK_C: tl.constexpr, ROWS: tl.constexpr, SUMMARY: tl.constexpr, STAGES: tl.constexpr,
-):
-    """y = LayerNorm(hf + hr) * silu(g) for one chunk of one batch row, all channels. A forward sweep over the
-    chunk's groups runs hf and stashes the state entering each group (2 fp32 per channel); a reverse sweep re-reads
-    each group with its gate, rebuilds hf from the stash, runs hr, normalizes each token over its 2C channels and
-    writes y. SUMMARY: write the chunk's maps of both recurrences (as `_bihgru_fwd_kernel` does) instead."""
-    b, k = tl.program_id(1).to(tl.int64), tl.program_id(2)
-    cs, cmask, gamma, cf, sf, cr_, sr_ = _channels(gamma_ptr, tf_ptr, tr_ptr, C, BLOCK_C)
-    xb = x_ptr + b * s_xb
-    t0 = k * chunk_len
-    t1 = tl.minimum(t0 + chunk_len, N)
-    zero = tl.zeros([BLOCK_C], tl.float32)
-    if SUMMARY:
-        Afr, Afi, Bfr, Bfi = zero + 1., zero, zero, zero
-        Arr, Ari, Brr, Bri = zero + 1., zero, zero, zero
-        for g in tl.range(t0, t1, ROWS, num_stages=STAGES):
-            mt, lam, vr, vi, _, _ = _mixer_group(xb, s_xn, g, t1, cs, cmask, C, gamma, False, ROWS)
-            Fr, Fi, Gr, Gi = _group_maps(mt, lam, vr, vi, cf, sf, False)
-            Afr, Afi, Bfr, Bfi = _compose(Afr, Afi, Bfr, Bfi, _last_row(Fr, ROWS), _last_row(Fi, ROWS),
-                                          _last_row(Gr, ROWS), _last_row(Gi, ROWS))
-            Rr, Ri, Sr, Si = _group_maps(mt, lam, vr, vi, cr_, sr_, True)
-            Arr, Ari, Brr, Bri = _compose(_first_row(Rr, ROWS), _first_row(Ri, ROWS), _first_row(Sr, ROWS),
-                                          _first_row(Si, ROWS), Arr, Ari, Brr, Bri)
-        p = sum_ptr + b * s_sb + k * s_sk + cs
-        _store_map(p, s_ss, 0, cmask, Afr, Afi, Bfr, Bfi)
-        _store_map(p, s_ss, 4, cmask, Arr, Ari, Brr, Bri)
-    else:
-        hr_, hi_ = _fold_carries(sum_ptr + b * s_sb, s_sk, s_ss, cs, cmask, k, n_chunks, 0, True)
-        for g in tl.range(t0, t1, ROWS, num_stages=STAGES):
-            x = scr_ptr + b * s_kb + (g // ROWS) * s_kn + cs
-            tl.store(x, hr_, mask=cmask)
-            tl.store(x + C, hi_, mask=cmask)
-            mt, lam, vr, vi, _, _ = _mixer_group(xb, s_xn, g, t1, cs, cmask, C, gamma, False, ROWS)
-            Fr, Fi, Gr, Gi = _group_maps(mt, lam, vr, vi, cf, sf, False)
-            tr, ti = _apply(Fr, Fi, Gr, Gi, hr_, hi_)
-            hr_, hi_ = _last_row(tr, ROWS), _last_row(ti, ROWS)
-        tl.debug_barrier()  # the reverse sweep reads the stash just written: order those stores before its loads
-        wr = tl.load(w_ptr + cs, mask=cmask, other=0.).to(tl.float32)[None, :]
-        wi = tl.load(w_ptr + C + cs, mask=cmask, other=0.).to(tl.float32)[None, :]
-        br = tl.load(b_ptr + cs, mask=cmask, other=0.).to(tl.float32)[None, :]
-        bi = tl.load(b_ptr + C + cs, mask=cmask, other=0.).to(tl.float32)[None, :]
-        qr, qi = _fold_carries(sum_ptr + b * s_sb, s_sk, s_ss, cs, cmask, k, n_chunks, 4, False)
-        n_groups = tl.cdiv(t1 - t0, ROWS)
-        for j in tl.range(0, n_groups, num_stages=STAGES):
-            g = t0 + (n_groups - 1 - j) * ROWS
-            x = scr_ptr + b * s_kb + (g // ROWS) * s_kn + cs
-            fr, fi = tl.load(x, mask=cmask, other=0.), tl.load(x + C, mask=cmask, other=0.)
-            mt, lam, vr, vi, gr, gi = _mixer_group(xb, s_xn, g, t1, cs, cmask, C, gamma, True, ROWS)
-            Fr, Fi, Gr, Gi = _group_maps(mt, lam, vr, vi, cf, sf, False)
-            hfr, hfi = _apply(Fr, Fi, Gr, Gi, fr, fi)
-            Rr, Ri, Sr, Si = _group_maps(mt, lam, vr, vi, cr_, sr_, True)
-            hrr, hri = _apply(Rr, Ri, Sr, Si, qr, qi)
-            qr, qi = _first_row(hrr, ROWS), _first_row(hri, ROWS)
-            hre, him = hfr + hrr, hfi + hri
-            mean = tl.sum(hre + him, 1) / (2 * C)
-            dre = tl.where(mt, hre - mean[:, None], 0.)
-            dim = tl.where(mt, him - mean[:, None], 0.)
-            rstd = 1. / tl.sqrt(tl.sum(dre * dre + dim * dim, 1) / (2 * C) + eps)
-            yr = (dre * rstd[:, None] * wr + br) * gr * _sigmoid(gr)
-            yi = (dim * rstd[:, None] * wi + bi) * gi * _sigmoid(gi)
-            ts = g + tl.arange(0, ROWS)
-            o = y_ptr + b * s_yb + ts.to(tl.int64)[:, None] * s_yn + tl.where(cmask, cs, 0)[None, :]
-            tl.store(o, yr.to(y_ptr.dtype.element_ty), mask=mt)
-            tl.store(o + C, yi.to(y_ptr.dtype.element_ty), mask=mt)
-
-
-def _mixer_chunks(B: int, N: int, device: torch.device) -> Tuple[int, int]:
-    """Chunks per batch row and their length (whole groups): split the rows only when B programs cannot fill the
-    GPU, into enough chunks for twice its programs, none shorter than MIN_CHUNK."""
-    rows, _, programs_per_sm, _ = MIXER_CFG
-    target = programs_per_sm * _num_sms(device)
-    n_chunks = 1 if B >= target else max(1, min(triton.cdiv(2 * target, B), N // MIN_CHUNK))
-    chunk_len = triton.cdiv(triton.cdiv(N, n_chunks), rows) * rows
-    return triton.cdiv(N, chunk_len), chunk_len
-
-
-def mixer_fwd(x, gamma, theta_f, theta_r, weight, bias, eps, chunks: Optional[Tuple[int, int]] = None):
-    """`LayerNorm(bihgru_scan(u, z)) * silu(g)` of x = [u | z | g] (B, N, 5C) by one kernel (and a summary pass when
-    rows are split into chunks); `chunks` = (n_chunks, chunk_len) overrides the split (tests)."""
-    x = x if x.stride(-1) == 1 else x.contiguous()
-    B, N, C5 = x.shape
-    C = C5 // 5
-    rows, warps, _, stages = MIXER_CFG
-    n_chunks, chunk_len = chunks or _mixer_chunks(B, N, x.device)
-    y = torch.empty(B, N, 2 * C, device=x.device, dtype=x.dtype)
-    summ = torch.empty(B, n_chunks, 8, C, device=x.device, dtype=torch.float32) if n_chunks > 1 else y
-    stash = torch.empty(B, triton.cdiv(N, rows), 2 * C, device=x.device, dtype=torch.float32)
-    block_c = triton.next_power_of_2(C)
-    s_sum = (summ.stride(0), summ.stride(1), summ.stride(2)) if n_chunks > 1 else (0, 0, 0)
-    args = (x, gamma, theta_f, theta_r, weight, bias, y, summ, stash, N, C, n_chunks, chunk_len, eps,
-            x.stride(0), x.stride(1), y.stride(0), y.stride(1), *s_sum, stash.stride(0), stash.stride(1))
-    meta = dict(BLOCK_C=block_c, ROWS=rows, STAGES=stages, num_warps=max(1, min(32, warps * block_c // 512)))
-    grid = (1, B, n_chunks)
-    if n_chunks > 1:
-        _mixer_fwd_kernel[grid](*args, SUMMARY=True, **meta)
-    _mixer_fwd_kernel[grid](*args, SUMMARY=False, **meta)
-    return y
-
-
 # ---- the op: registered with torch.library so torch.compile traces through it, forward and backward ----
 
 @torch.library.custom_op('hgrn_vision::bihgru_norm_gate_fwd', mutates_args=())
@@ -384,23 +214,7 @@ def _backward(ctx, dy, _):
 _fwd_op.register_autograd(_backward, setup_context=_setup_context)
 
 
-@torch.library.custom_op('hgrn_vision::bihgru_mixer_infer', mutates_args=())
-def _infer_op(x: torch.Tensor, gamma: torch.Tensor, theta_f: torch.Tensor, theta_r: torch.Tensor,
-              weight: torch.Tensor, bias: torch.Tensor, eps: float) -> torch.Tensor:
-    """y alone, by the one-kernel forward: for calls that need no gradient."""
-    return mixer_fwd(x, gamma, theta_f, theta_r, weight, bias, eps)
-
-
-@_infer_op.register_fake
-def _(x, gamma, theta_f, theta_r, weight, bias, eps):
-    return x.new_empty((*x.shape[:-1], x.shape[-1] // 5 * 2))
-
-
 def bihgru_scan_norm_gate_triton(x, gamma, theta_f, theta_r, weight, bias, eps, in_bias=None) -> torch.Tensor:
-    """The fused op (see `hgrn_vision.ops.bihgru_scan_norm_gate`): the one-kernel forward when no gradient is
-    needed, else the scan and row kernels whose forward keeps h for the backward."""
+    """The fused op (see `hgrn_vision.ops.bihgru_scan_norm_gate`)."""
     check_triton_device(x)
-    if not (torch.is_grad_enabled() and any(t is not None and t.requires_grad
-                                            for t in (x, gamma, theta_f, theta_r, weight, bias, in_bias))):
-        return _infer_op(x, gamma, theta_f, theta_r, weight, bias, eps)
     return _fwd_op(x, gamma, theta_f, theta_r, weight, bias, eps, in_bias)[0]
