@@ -43,7 +43,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser('models', help='images/s of timm models side by side (inference, training; eager, compiled)')
     p.add_argument('--models', nargs='+', default=['hgrn_deit_small', 'deit_small_patch16_224'],
-                   help='timm model names; ratios are the first model over each other')
+                   help='timm model names; ratios are the first model over each other (see --pairs)')
+    p.add_argument('--pairs', action='store_true',
+                   help="--models are (model, baseline) pairs: ratios are each pair's first over its second")
     p.add_argument('--resolutions', nargs='+', type=int, default=None, help='default 224 384 512 768 1024')
     p.add_argument('--modes', nargs='+', choices=('infer', 'train'), default=['infer', 'train'])
     p.add_argument('--compile', nargs='+', choices=('eager', 'compiled'), default=None, dest='compile_modes',
@@ -93,7 +95,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Optional[List[str]] = None) -> dict:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command == 'models' and args.pairs and len(args.models) % 2:
+        parser.error(f'--pairs takes (model, baseline) pairs, got {len(args.models)} models: {" ".join(args.models)}')
     name = args.name or args.command
     if args.command == 'models':
         return benchmark_models(
@@ -115,6 +120,7 @@ def main(argv: Optional[List[str]] = None) -> dict:
             max_iters=args.max_iters,
             max_time=args.max_time,
             channels_last=args.channels_last,
+            pairs=args.pairs,
             output_dir=args.output_dir,
             name=name,
         )

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from hgrn_vision.benchmark import batch_for, categorize
+from hgrn_vision.benchmark.models import add_ratios, reference_models
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -37,6 +38,22 @@ def test_batch_for():
     assert batch_for(224, 256 * 224 * 224, batch_size=7) == 7
 
 
+def test_ratio_references(bench, capsys):
+    """Ratios are the first model over each other, or with --pairs each pair's first over its second."""
+    models = ['a', 'b', 'c', 'd']
+    assert reference_models(models) == {'b': 'a', 'c': 'a', 'd': 'a'}
+    refs = reference_models(models, pairs=True)
+    assert refs == {'b': 'a', 'd': 'c'}
+    rows = [dict(model=m, mode='infer', compile='eager', res=224, img_s=s, mem_per_img_mb=mem)
+            for m, s, mem in (('a', 30., 1.), ('b', 10., 4.), ('c', 5., 2.), ('d', 20., 1.))]
+    add_ratios(rows, refs)
+    assert [r.get('ratio_img_s') for r in rows] == [None, 3., None, 0.25]
+    assert [r.get('ratio_mem') for r in rows] == [None, 0.25, None, 2.]
+    with pytest.raises(SystemExit):
+        bench.main(['models', '--device', 'cpu', '--pairs', '--models', 'a', 'b', 'c'])
+    assert '--pairs takes (model, baseline) pairs, got 3 models: a b c' in capsys.readouterr().err
+
+
 def test_models_cpu(bench, tmp_path, capsys):
     models = ['hgrn_deit_tiny', 'deit_tiny_patch16_224']
     result = bench.main([
@@ -44,7 +61,7 @@ def test_models_cpu(bench, tmp_path, capsys):
         '--resolutions', '28', '42', '--batch-size', '2', '--warmup', '0', '--min-iters', '1', '--max-iters', '2',
         '--output-dir', str(tmp_path)])
     printed = capsys.readouterr().out
-    assert 'img/s' in printed and 'first/this img/s' in printed
+    assert 'img/s' in printed and 'ref/this img/s' in printed
 
     rows = _read_csv(tmp_path / 'models.csv')
     assert len(rows) == 2 * 2 * 2  # models x modes x resolutions, eager only on the CPU
@@ -65,6 +82,7 @@ def test_models_cpu(bench, tmp_path, capsys):
 
     data = json.loads((tmp_path / 'models.json').read_text())
     assert data['meta']['matmul_tflops'] > 0 and data['meta']['models'] == models
+    assert data['meta']['ratio_refs'] == {models[1]: models[0]}
     assert len(data['rows']) == len(rows) == len(result['rows'])
     png = tmp_path / 'models.png'
     assert png.stat().st_size > 1000 and png.read_bytes()[:8] == b'\x89PNG\r\n\x1a\n'

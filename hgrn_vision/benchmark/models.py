@@ -10,8 +10,9 @@ activation memory per image (peak minus what was allocated before the timed step
 input - over the batch), parameters, FLOPs per image from `torch.utils.flop_counter.FlopCounterMode` (matmuls,
 convolutions, attention; elementwise work is not counted), the HGRU scan's elementwise work stated separately
 (`SCAN_FWD_OPS` / `SCAN_BWD_OPS` per (B, N, C) element of every `HgruMixer` call), the achieved TFLOP/s of the
-counted FLOPs and that as % of a bf16 matmul peak measured in the same run, and the first model's images/s and
-memory per image over this model's.
+counted FLOPs and that as % of a bf16 matmul peak measured in the same run, and a reference model's images/s and
+memory per image over this model's: the first model's, or with `pairs` (models given as (model, baseline) pairs,
+e.g. hgrn_deit_tiny deit_tiny_patch16_224 hgrn_deit_small deit_small_patch16_224) the pair's first model's.
 """
 import os
 import statistics
@@ -72,10 +73,10 @@ MODEL_COLUMNS: List[Column] = [
     ('batch', 'batch', ''),
     ('img_s', 'img/s', '.1f'),
     ('step_ms', 'ms/step', '.2f'),
-    ('ratio_img_s', 'first/this img/s', '.2f'),
+    ('ratio_img_s', 'ref/this img/s', '.2f'),
     ('peak_mem_gb', 'peak GB', '.2f'),
     ('mem_per_img_mb', 'act MB/img', '.2f'),
-    ('ratio_mem', 'first/this MB/img', '.2f'),
+    ('ratio_mem', 'ref/this MB/img', '.2f'),
     ('params_m', 'params M', '.2f'),
     ('gflops_per_img', 'GFLOP/img', '.2f'),
     ('scan_gops_per_img', 'scan GOP/img', '.3f'),
@@ -245,12 +246,23 @@ def _run_one(
     return row
 
 
-def add_ratios(rows: List[Dict[str, Any]], first: str) -> None:
-    """Puts the first model's images/s and memory per image over each other model's into its row."""
-    ref = {(r['mode'], r['compile'], r['res']): r for r in rows if r['model'] == first and r.get('img_s')}
+def reference_models(models: Sequence[str], pairs: bool = False) -> Dict[str, str]:
+    """Each compared model -> the model whose images/s and memory are put over it: the first model for all others,
+    or with `pairs` the models taken as (model, baseline) pairs, each baseline compared with its pair's first."""
+    if not pairs:
+        return {m: models[0] for m in models[1:]}
+    if len(models) % 2:
+        raise ValueError(f'--pairs takes (model, baseline) pairs, got {len(models)} models: {" ".join(models)}.')
+    return {models[i + 1]: models[i] for i in range(0, len(models), 2)}
+
+
+def add_ratios(rows: List[Dict[str, Any]], refs: Dict[str, str]) -> None:
+    """Puts the reference model's images/s and memory per image (`refs`: model -> its reference) over this model's
+    into this model's row."""
+    by_key = {(r['model'], r['mode'], r['compile'], r['res']): r for r in rows if r.get('img_s')}
     for r in rows:
-        f = ref.get((r['mode'], r['compile'], r['res']))
-        if r['model'] == first or f is None:
+        f = by_key.get((refs.get(r['model']), r['mode'], r['compile'], r['res']))
+        if f is None:
             continue
         if r.get('img_s'):
             r['ratio_img_s'] = f['img_s'] / r['img_s']
@@ -318,6 +330,7 @@ def benchmark_models(
         channels_last: bool = False,
         output_dir: str = 'output/benchmark',
         name: str = 'models',
+        pairs: bool = False,
 ) -> Dict[str, Any]:
     """Runs the model benchmark, prints the table, writes `<name>.csv`, `.json` and `.png` into `output_dir`.
 
@@ -325,6 +338,7 @@ def benchmark_models(
     only at `compile_res_infer` / `compile_res_train` (every resolution with `compile_all`), with `dynamic=False`.
     Returns `{'meta': ..., 'rows': [...]}` as written to the JSON file.
     """
+    refs = reference_models(models, pairs)  # before any run: a bad pairing fails at once
     dev = torch.device(device)
     d = GPU_DEFAULTS if dev.type == 'cuda' else CPU_DEFAULTS
     resolutions = list(resolutions or d['resolutions'])
@@ -353,7 +367,8 @@ def benchmark_models(
         compile_res_infer=None if compile_res_infer is None else list(compile_res_infer),
         compile_res_train=None if compile_res_train is None else list(compile_res_train),
         batch_pixels=batch_pixels, batch_size=batch_size, amp_dtype=str(amp_dtype).replace('torch.', ''),
-        model_kwargs=model_kwargs, timing=timing, scan_fwd_ops=SCAN_FWD_OPS, scan_bwd_ops=SCAN_BWD_OPS,
+        model_kwargs=model_kwargs, ratio_refs=refs, timing=timing, scan_fwd_ops=SCAN_FWD_OPS,
+        scan_bwd_ops=SCAN_BWD_OPS,
     )
     print(f'{meta["device"]}: torch {meta["torch"]}, timm {meta["timm"]}, triton {meta["triton"]}; '
           f'{meta["matmul_dtype"]} matmul peak {meta["matmul_tflops"]:.2f} TFLOP/s (measured)', flush=True)
@@ -377,12 +392,13 @@ def benchmark_models(
                     print(f'  {model_name} {mode} {compile_mode} res {res} batch {batch}: {img_s} '
                           f'({time.perf_counter() - t0:.1f} s)', flush=True)
 
-    add_ratios(rows, models[0])
+    add_ratios(rows, refs)
     order = {m: i for i, m in enumerate(models)}
     rows.sort(key=lambda r: (modes.index(r['mode']), compile_modes.index(r['compile']), r['res'], order[r['model']]))
     print()
     print(format_table(rows, MODEL_COLUMNS))
-    print(f'first/this: {models[0]} over the model of the row (same mode, compile and resolution). act MB/img: '
+    ref_text = ', '.join(f'{r} / {m}' for m, r in refs.items())
+    print(f'ref/this: {ref_text} (same mode, compile and resolution). act MB/img: '
           f'(peak - allocated before the timed steps) / batch. GFLOP/img: FlopCounterMode; scan GOP/img: '
           f'{SCAN_FWD_OPS} (+{SCAN_BWD_OPS} backward) ops per (B, N, C) scan element, not in TFLOP/s.')
 
