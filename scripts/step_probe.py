@@ -3,10 +3,13 @@
 time of the step's Python call right after a sync; when it nears the GPU time, a slower host slows the step), and the
 activation memory per image, optionally with every block under activation checkpointing: `full` (timm's
 `set_grad_checkpointing`) or `selective` (the policy of `scripts/saved_activations.py --selective`: keep the outputs of
-matmuls, attention and the HGRU mixer op, recompute the rest). bf16 autocast, fused AdamW, batch 256 at 224.
+matmuls, attention and the HGRU mixer op, recompute the rest), and optionally compiled with another torch.compile
+mode (`reduce-overhead`: CUDA graphs, so the host no longer enqueues each kernel; its activation memory then sits in
+the graphs' pool, allocated before the measurement, and reads near 0). bf16 autocast, fused AdamW, batch 256 at 224.
 
     PYTHONPATH=. python scripts/step_probe.py TAG hgrn_deit_small:none hgrn_deit_small:selective \\
-        hgrn_deit_small:full deit_small_patch16_224:none deit_small_patch16_224:selective
+        hgrn_deit_small:full deit_small_patch16_224:none deit_small_patch16_224:selective \\
+        hgrn_deit_tiny:none:reduce-overhead
 """
 import os
 import statistics
@@ -22,7 +25,8 @@ import hgrn_vision  # noqa: E402,F401  (registers the models)
 from hgrn_vision.benchmark.models import _make_step, create_benchmark_model, prepare_step  # noqa: E402
 
 
-def probe(name: str, ckpt: str, tag: str, batch: int = 256, res: int = 224, steps: int = 60) -> None:
+def probe(name: str, ckpt: str, tag: str, mode: str = 'default', batch: int = 256, res: int = 224,
+          steps: int = 60) -> None:
     torch._dynamo.reset()
     dev = torch.device('cuda')
     model = create_benchmark_model(name, res).to(dev)
@@ -33,7 +37,10 @@ def probe(name: str, ckpt: str, tag: str, batch: int = 256, res: int = 224, step
     elif ckpt != 'none':
         raise SystemExit(f'unknown checkpointing {ckpt!r}: use none, selective or full (e.g. hgrn_deit_small:none)')
     opt, x, y = prepare_step(model, 'train', batch, res, dev, {})
-    step = _make_step(torch.compile(model, dynamic=False), x, y, 'train', dev, torch.bfloat16, opt)
+    step = _make_step(torch.compile(model, dynamic=False, mode=mode), x, y, 'train', dev, torch.bfloat16, opt)
+    if mode == 'reduce-overhead':  # CUDA graphs: each step is a new generation of the graph trees' outputs
+        graphed = step
+        step = lambda: (torch.compiler.cudagraph_mark_step_begin(), graphed())
     t = time.perf_counter()
     step()
     torch.cuda.synchronize()
@@ -61,7 +68,7 @@ def probe(name: str, ckpt: str, tag: str, batch: int = 256, res: int = 224, step
         host.append((time.perf_counter() - t) * 1e3)
     torch.cuda.synchronize()
     med = statistics.median(ms)
-    print(f'{tag:>10} {name:>24} ckpt={ckpt:<9} step ms median {med:6.2f} p10 {ms[len(ms) // 10]:6.2f} '
+    print(f'{tag:>10} {name:>24} ckpt={ckpt:<9} {mode:>15} step ms median {med:6.2f} p10 {ms[len(ms) // 10]:6.2f} '
           f'p90 {ms[9 * len(ms) // 10]:6.2f}  img/s {batch * 1e3 / med:7.1f}  host enqueue ms median '
           f'{statistics.median(host):6.2f}  act MB/img {mem:6.2f}  first call {first:5.1f} s', flush=True)
 
@@ -71,8 +78,8 @@ def main():
         raise SystemExit(__doc__)
     print(torch.cuda.get_device_name(), 'torch', torch.__version__, flush=True)
     for spec in sys.argv[2:]:
-        name, _, ckpt = spec.partition(':')
-        probe(name, ckpt or 'none', sys.argv[1])
+        name, ckpt, mode = (spec.split(':') + ['', ''])[:3]
+        probe(name, ckpt or 'none', sys.argv[1], mode or 'default')
 
 
 if __name__ == '__main__':
