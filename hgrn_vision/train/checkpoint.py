@@ -152,11 +152,20 @@ def model_state_from_checkpoint(ckpt: Dict[str, Any], use_ema: bool = False) -> 
     return {k.removeprefix('module.'): v for k, v in ckpt.items() if isinstance(v, torch.Tensor)}, ''
 
 
+def _shorten_keys(line: str, keep: int = 3) -> str:
+    """torch's `Missing key(s) in state_dict: "a", "b", ...` line with its first `keep` keys and a count."""
+    head, _, keys = line.partition(': ')
+    names = keys.rstrip('.').split(', ')
+    if not head.endswith('key(s) in state_dict') or len(names) <= keep:
+        return line
+    return f'{head}: {", ".join(names[:keep])} and {len(names) - keep} more.'
+
+
 def _load_strict(module: nn.Module, state_dict: Dict[str, Any], path: str, what: str) -> None:
     try:
         module.load_state_dict(state_dict, strict=True)
     except RuntimeError as e:
-        lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()][1:5]
+        lines = [_shorten_keys(ln.strip()) for ln in str(e).splitlines() if ln.strip()][1:5]
         raise UserError(
             f'Checkpoint {path!r} does not fit the {what} ({type(module).__name__}); was it written for another '
             f'architecture? ' + ' '.join(lines)) from None
