@@ -1,0 +1,162 @@
+"""`python -m hgrn_vision.export`: a train.py checkpoint (raw and EMA) and a bare state dict (the authors') to timm's
+hub layout, loaded back through `local-dir:` with identical logits; the model card; ONNX checked with onnxruntime at
+two sizes (and NaN past its size limit); one clean error line for each kind of bad input."""
+import csv
+import json
+import os
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+import timm
+import torch
+from PIL import Image
+
+import hgrn_vision  # noqa: F401
+from hgrn_vision import export as export_mod
+from hgrn_vision.train import trainer
+from hgrn_vision.train.args import parse_args, train_parser
+
+AUTHORS = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'data', 'authors_hgrn')
+KWARGS = dict(embed_dim=32, depth=2, patch_size=8)  # 32 px images: 4 x 4 tokens
+
+
+@pytest.fixture(scope='module')
+def run(tmp_path_factory):
+    """A 1-epoch train.py run with EMA of a small HGRN-DeiT on 3 classes of 32 px images: (run folder, checkpoint)."""
+    root = tmp_path_factory.mktemp('export_run')
+    rng = np.random.default_rng(0)
+    for split, n in (('train', 8), ('val', 4)):
+        for c in range(3):
+            os.makedirs(root / 'data' / split / f'c{c}')
+            for i in range(n):
+                img = rng.integers(0, 80, (32, 32, 3), dtype=np.uint8)
+                img[..., c] += 150
+                Image.fromarray(img).save(root / 'data' / split / f'c{c}' / f'{i}.png')
+    res = trainer.train(parse_args(train_parser(), [str(a) for a in [
+        root / 'data', '--val-split', 'val', '--model', 'hgrn_deit_tiny', '--model-kwargs',
+        *[f'{k}={v}' for k, v in KWARGS.items()], '--img-size', 32, '--device', 'cpu', '--workers', 0, '--no-progress',
+        '--no-plot', '-b', 8, '--epochs', 1, '--lr', 1e-3, '--warmup-epochs', 0, '--model-ema',
+        '--output', root, '--experiment', 'run']]))
+    return res['run_dir'], os.path.join(res['run_dir'], 'last.pth.tar')
+
+
+def _checkpoint_model(path, key):
+    model = timm.create_model('hgrn_deit_tiny', num_classes=3, **KWARGS).eval()
+    model.load_state_dict(torch.load(path, weights_only=True)[key])
+    return model
+
+
+def _logits(model, x):
+    with torch.inference_mode():
+        return model(x)
+
+
+def _export(argv):
+    return export_mod.main([str(a) for a in argv])
+
+
+def _fails(argv, capsys):
+    """Run the export that must fail; returns its one-line error."""
+    with pytest.raises(SystemExit) as e:
+        _export(argv)
+    assert e.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith('error: ') and 'Traceback' not in err, err
+    return err
+
+
+@pytest.mark.parametrize('ema', [False, True])
+def test_round_trip_and_model_card(run, tmp_path, ema):
+    """local-dir: rebuilds the checkpoint's model (kwargs from config.json) with the very same logits."""
+    run_dir, ckpt = run
+    out = tmp_path / 'hub'
+    res = _export([ckpt, out] + ['--ema'] * ema)
+    assert sorted(os.listdir(out)) == res['files'] == ['README.md', 'config.json', 'model.safetensors']
+    expected = _checkpoint_model(ckpt, 'state_dict_ema' if ema else 'state_dict')
+    loaded = timm.create_model(f'local-dir:{out}', pretrained=True).eval()
+    x = torch.randn(2, 3, 32, 32)
+    torch.testing.assert_close(_logits(loaded, x), _logits(expected, x), rtol=0, atol=0)
+    x = torch.randn(1, 3, 40, 56)  # another size: the model takes any
+    torch.testing.assert_close(_logits(loaded, x), _logits(expected, x), rtol=0, atol=0)
+
+    config = json.loads((out / 'config.json').read_text())
+    assert config['architecture'] == 'hgrn_deit_tiny' and config['num_classes'] == 3
+    assert {k: config['model_args'][k] for k in KWARGS} == KWARGS and config['model_args']['num_classes'] == 3
+    assert config['pretrained_cfg']['input_size'] == [3, 32, 32] and 'tag' not in config['pretrained_cfg']
+
+    card = (out / 'README.md').read_text()
+    with open(os.path.join(run_dir, 'summary.csv'), newline='') as f:
+        row = list(csv.DictReader(f))[-1]
+    top1 = float(row['eval_ema_top1' if ema else 'eval_top1'])
+    n_params = sum(p.numel() for p in expected.parameters())
+    for line in ('- **Architecture:** hgrn_deit_tiny', '  - embed_dim: 32', '  - depth: 2', '  - patch_size: 8',
+                 f'  - Params: {n_params:,}', f'- **Weights:** {"EMA" if ema else "raw"} weights of last.pth.tar',
+                 f'- **Top-1:** {top1:.2f}% on the val split', '  - Dataset: image folder data, split train',
+                 '  - Epochs: 1', '  - Batch size: 8', '  - Learning rate: 0.001, cosine', '  - Image size: 32',
+                 f"timm.create_model('local-dir:{out}', pretrained=True)", 'Hierarchically Gated'):
+        assert line in card, line
+
+
+def test_onnx(run, tmp_path):
+    """model.onnx: dynamic batch, height and width; exact up to --onnx-max-size's tokens, NaN logits past them."""
+    _, ckpt = run
+    out = tmp_path / 'onnx'
+    res = _export([ckpt, out, '--onnx', '--onnx-max-size', 64])  # 8 x 8 = 64 tokens
+    assert 'model.onnx' in res['files'] and all(d < 1e-5 for d in res['onnx_max_diff'].values())
+    assert '- **ONNX:** model.onnx: dynamic batch, height and width, exact up to 64 x 64' in (
+        out / 'README.md').read_text()
+    session = ort.InferenceSession(str(out / 'model.onnx'), providers=['CPUExecutionProvider'])
+    expected = _checkpoint_model(ckpt, 'state_dict')
+    for shape in ((2, 3, 32, 32), (1, 3, 64, 64), (3, 3, 41, 17), (2, 3, 8, 64)):
+        x = torch.randn(shape)
+        out_onnx = torch.from_numpy(session.run(None, {'input0': x.numpy()})[0])
+        torch.testing.assert_close(out_onnx, _logits(expected, x), rtol=0, atol=1e-4)
+    x = torch.randn(2, 3, 64, 72)  # 8 x 9 tokens: past what the unrolled scan covers
+    assert np.isnan(session.run(None, {'input0': x.numpy()})[0]).all()
+    _export([ckpt, out, '--force'])  # new weights without --onnx: the old model.onnx must not stay beside them
+    assert sorted(os.listdir(out)) == ['README.md', 'config.json', 'model.safetensors']
+
+
+def test_bare_state_dict_of_the_authors(tmp_path, capsys):
+    """A bare state dict (the authors' layout, converted) with its model named by flags; EMA is refused there."""
+    argv = [os.path.join(AUTHORS, 'checkpoint.pth'), tmp_path / 'hub', '--model', 'hgrn_deit_tiny',
+            '--model-kwargs', 'embed_dim=64', 'depth=2', '--num-classes', 10]
+    assert 'holds no EMA weights' in _fails(argv + ['--ema'], capsys)
+    assert 'no train.py args naming its model: pass --model' in _fails(argv[:2], capsys)
+    _export(argv)
+    model = timm.create_model(f'local-dir:{tmp_path / "hub"}', pretrained=True).eval()
+    x = torch.load(os.path.join(AUTHORS, 'input.pt'))
+    torch.testing.assert_close(_logits(model, x), torch.load(os.path.join(AUTHORS, 'logits_fp32.pt')), rtol=0,
+                               atol=1e-5)
+
+
+def test_bad_input(run, tmp_path, capsys):
+    """One line for each, and nothing written: another architecture, keys or flags that do not fit, a missing file,
+    an unknown model, an ONNX size limit below the model's size, an OUTPUT_DIR in use (unless --force, which keeps
+    the other files)."""
+    _, ckpt = run
+    out = tmp_path / 'out'
+    for name in ('deit_tiny_patch16_224', 'test_resnet'):
+        torch.save(timm.create_model(name, num_classes=3).state_dict(), tmp_path / f'{name}.pth')
+        err = _fails([tmp_path / f'{name}.pth', out, '--model', 'hgrn_deit_tiny', '--num-classes', 3], capsys)
+        assert 'does not fit' in err and 'hgrn_deit_tiny' in err and 'another architecture' in err and len(err) < 500
+    torch.save(_checkpoint_model(ckpt, 'state_dict').state_dict(), tmp_path / 'ours.pth')
+    err = _fails([tmp_path / 'ours.pth', out, '--model', 'hgrn_deit_tiny', '--model-kwargs', 'embed_dim=48', 'depth=2',
+                  'patch_size=8', '--num-classes', 3], capsys)
+    assert 'does not fit model hgrn_deit_tiny' in err and 'embed_dim=48' in err
+    err = _fails([ckpt, out, '--model-kwargs', 'embed_dim=48'], capsys)
+    assert "--model-kwargs {'embed_dim': 48} disagrees with checkpoint" in err
+    assert 'does not exist' in _fails([tmp_path / 'missing.pth', out], capsys)
+    assert "Unknown model 'hgrn_deit_tinny'; did you mean hgrn_deit_tiny" in _fails(
+        [tmp_path / 'ours.pth', out, '--model', 'hgrn_deit_tinny'], capsys)
+    assert 'smaller than the model' in _fails([ckpt, out, '--onnx', '--onnx-max-size', 16], capsys)
+    assert not os.path.exists(out)
+
+    os.makedirs(out)
+    (out / 'notes.txt').write_text('mine')
+    assert 'exists and is not empty' in _fails([ckpt, out], capsys)
+    assert os.listdir(out) == ['notes.txt']
+    _export([ckpt, out, '--force'])
+    assert sorted(os.listdir(out)) == ['README.md', 'config.json', 'model.safetensors', 'notes.txt']
+    assert not [f for f in os.listdir(tmp_path) if '.partial-' in f]
