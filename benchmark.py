@@ -65,7 +65,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument('--channels-last', action='store_true')
     _add_common(p)
 
-    p = sub.add_parser('scan', help='bihgru_scan implementations: ms, GB/s over the byte floor, %% of copy bandwidth')
+    p = sub.add_parser('scan', help='bihgru_scan implementations and the mixer op: kernel ms (CUDA graphs), host ms, '
+                                    'GB/s over the byte floor, %% of copy bandwidth')
     p.add_argument('--shapes', nargs='+', type=_shape, default=None,
                    help='BxNxC (default 256x256x192 256x256x384 64x1024x384 16x5329x384 1x256x192)')
     p.add_argument('--dtypes', nargs='+', default=['bf16', 'fp32'], help='dtypes of u and z')
@@ -73,6 +74,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument('--no-torch', action='store_true', help="leave out the 'torch' impl")
     p.add_argument('--check', action='store_true',
                    help="also compare every impl with the 'torch' impl in float64 (output and five gradients)")
+    p.add_argument('--ops', nargs='+', choices=('scan', 'mixer'), default=['scan', 'mixer'],
+                   help='the scan alone, and the whole mixer op between the projections (LayerNorm(scan) * silu(g))')
     p.add_argument('--seed', type=int, default=0)
     _add_common(p)
 
@@ -154,6 +157,7 @@ def main(argv: Optional[List[str]] = None) -> dict:
         output_dir=args.output_dir,
         name=name,
         seed=args.seed,
+        ops=args.ops,
     )
 
 

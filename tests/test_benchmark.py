@@ -96,14 +96,20 @@ def test_scan_cpu(bench, tmp_path, capsys):
     assert 'copy bandwidth' in printed and 'fwd GB/s' in printed and 'dtheta_r' in printed
 
     rows = _read_csv(tmp_path / 'scan.csv')
-    assert len(rows) == 2 * 2  # shapes x dtypes
+    assert len(rows) == 2 * 2 * 2  # shapes x dtypes x ops
+    assert {r['op'] for r in rows} == {'scan', 'mixer'}
     for r in rows:
         assert r['impl'] == 'torch' and r['status'] == 'ok'
         for key in ('fwd_ms', 'bwd_ms', 'fwdbwd_ms', 'fwd_gbps', 'bwd_gbps', 'fwdbwd_gbps', 'fwd_pct_copy'):
             assert _positive(r[key]), (key, r)
+        floor = (5, 8) if r['op'] == 'scan' else (7, 12)  # elements per (B, N, C) element, forward / backward
+        nbytes = int(r['B']) * int(r['N']) * int(r['C']) * (4 if r['dtype'] == 'float32' else 2)
+        assert math.isclose(float(r['fwd_gbps']), floor[0] * nbytes / float(r['fwd_ms']) / 1e6, rel_tol=1e-6)
+        assert math.isclose(float(r['bwd_gbps']), floor[1] * nbytes / float(r['bwd_ms']) / 1e6, rel_tol=1e-6)
+        assert not r.get('fwd_host_ms')  # no CUDA graphs on the CPU: the wall clock is the only time
 
     check = _read_csv(tmp_path / 'scan_check.csv')
-    assert len(check) == len(rows)
+    assert len(check) == len(rows) // 2  # the scan's rows
     for r in check:
         assert r['status'] == 'ok'
         bound = 1e-5 if r['dtype'] == 'float32' else 2e-2

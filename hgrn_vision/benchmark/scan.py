@@ -1,15 +1,23 @@
-"""Scan micro-benchmark: every `bihgru_scan` implementation against the device's copy bandwidth.
+"""Scan micro-benchmark: every `bihgru_scan` implementation, and the whole mixer op between the two projections
+(`bihgru_scan_norm_gate`), against the device's copy bandwidth.
 
 First the device copy bandwidth is measured (one large device-to-device copy, bytes read + written over its median
-time). Then for each shape (B, N, C), dtype and implementation in `available_impls()` (except 'reference'):
+time). Then for each op, shape (B, N, C), dtype and implementation in `available_impls()` (except 'reference'):
 forward (under `no_grad`), backward alone (`torch.autograd.grad` on a retained graph) and forward + backward are
-timed with CUDA events after warm-up, L2 flushed before each call, median of many. The byte floor per (B, N, C)
-element is `FWD_ELEMS` = 5 elements forward (reads u 2 + z 1, writes the output 2) and `BWD_ELEMS` = 8 backward
-(reads u, z, dout 5, writes du, dz 3), times the dtype's size; achieved GB/s is that floor over the time, and
-'% copy' is that over the measured copy bandwidth. `u`, `z` have the benchmark dtype, the per-channel `gamma`,
-`theta_f`, `theta_r` are float32 (as in the models under autocast); every implementation gets the same inputs.
+timed after warm-up, L2 flushed before each call, median of many. On CUDA each is captured once in a CUDA graph and
+its replays are timed: the kernels' GPU time (`*_ms`), which the GB/s columns use; the plain calls between CUDA
+events, whose time includes the host's launch path whenever the host is slower than the kernels, are reported
+beside them (`*_host_ms`). On the CPU the wall clock of plain calls.
 
-`check=True` also compares each implementation against the 'torch' implementation run in float64 on the same
+Byte floors per (B, N, C) element, in elements of the dtype: the scan (`op='scan'`) reads u 2 + z 1 and writes the
+output 2 forward (`FWD_ELEMS` = 5), reads u, z, dout 5 and writes du, dz 3 backward (`BWD_ELEMS` = 8); the mixer op
+(`op='mixer'`: LayerNorm(scan) * silu(g) of x = [u | z | g] with in_proj's bias gradient, as the model calls it) reads
+x 5 and writes y 2 forward (`MIXER_FWD_ELEMS` = 7), reads x 5 and dy 2 and writes dx 5 backward
+(`MIXER_BWD_ELEMS` = 12). Achieved GB/s is that floor over the time, '% copy' that over the measured copy bandwidth.
+`u`, `z`, `g` have the benchmark dtype, the per-channel vectors are float32 (as in the models under autocast); every
+implementation gets the same inputs.
+
+`check=True` also compares each scan implementation against the 'torch' implementation run in float64 on the same
 (rounded) inputs, in batch chunks to bound its memory: relative error ||a - b|| / ||b|| of the output and the five
 gradients.
 """
@@ -20,7 +28,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
-from hgrn_vision.ops import available_impls, bihgru_scan
+from hgrn_vision.ops import available_impls, bihgru_scan, bihgru_scan_norm_gate
 
 from .utils import (
     OOM_ERRORS,
@@ -28,6 +36,7 @@ from .utils import (
     environment,
     format_table,
     free_memory,
+    graph_stream,
     measure_copy_bandwidth,
     release_memory,
     time_fn,
@@ -35,28 +44,34 @@ from .utils import (
     write_json,
 )
 
-__all__ = ['SCAN_SHAPES', 'FWD_ELEMS', 'BWD_ELEMS', 'make_scan_inputs', 'cast_scan_inputs', 'float64_reference',
-           'rel_err', 'benchmark_scan', 'check_scan']
+__all__ = ['SCAN_SHAPES', 'FWD_ELEMS', 'BWD_ELEMS', 'MIXER_FWD_ELEMS', 'MIXER_BWD_ELEMS', 'OPS', 'make_scan_inputs',
+           'cast_scan_inputs', 'float64_reference', 'rel_err', 'benchmark_scan', 'check_scan']
 
 SCAN_SHAPES: Tuple[Tuple[int, int, int], ...] = (
     (256, 256, 192), (256, 256, 384), (64, 1024, 384), (16, 5329, 384), (1, 256, 192))
 CPU_SHAPES: Tuple[Tuple[int, int, int], ...] = ((2, 64, 32), (1, 37, 5))
 FWD_ELEMS = 5
 BWD_ELEMS = 8
+MIXER_FWD_ELEMS = 7
+MIXER_BWD_ELEMS = 12
+OPS = {'scan': (FWD_ELEMS, BWD_ELEMS), 'mixer': (MIXER_FWD_ELEMS, MIXER_BWD_ELEMS)}  # op -> byte floor (fwd, bwd)
 GPU_TIMING = dict(warmup=3, min_iters=10, max_iters=200, max_time=0.25, flush_l2=True)
 CPU_TIMING = dict(warmup=1, min_iters=2, max_iters=3, max_time=0.1)
 _GRAD_NAMES = ('du', 'dz', 'dgamma', 'dtheta_f', 'dtheta_r')
 
 SCAN_COLUMNS: List[Column] = [
+    ('op', 'op', ''),
     ('impl', 'impl', ''),
     ('B', 'B', ''), ('N', 'N', ''), ('C', 'C', ''),
     ('dtype', 'dtype', ''),
     ('fwd_ms', 'fwd ms', '.4f'),
     ('fwd_gbps', 'fwd GB/s', '.1f'),
     ('fwd_pct_copy', 'fwd %copy', '.1f'),
+    ('fwd_host_ms', 'fwd host ms', '.4f'),
     ('bwd_ms', 'bwd ms', '.4f'),
     ('bwd_gbps', 'bwd GB/s', '.1f'),
     ('bwd_pct_copy', 'bwd %copy', '.1f'),
+    ('bwd_host_ms', 'bwd host ms', '.4f'),
     ('fwdbwd_ms', 'f+b ms', '.4f'),
     ('fwdbwd_gbps', 'f+b GB/s', '.1f'),
     ('fwdbwd_pct_copy', 'f+b %copy', '.1f'),
@@ -93,28 +108,58 @@ def cast_scan_inputs(inputs: Sequence[torch.Tensor], dtype: torch.dtype,
     return [t.requires_grad_(requires_grad) for t in out]
 
 
-def _time_bwd(impl: str, xg: Sequence[torch.Tensor], dout: torch.Tensor, device: torch.device,
-              timing: Dict[str, Any]) -> float:
-    out = bihgru_scan(*xg, impl=impl)  # freed, with its graph, on return
-    return statistics.median(time_fn(
-        lambda: torch.autograd.grad(out, xg, dout, retain_graph=True), device, **timing))
-
-
-def _time_impl(impl: str, inputs: Sequence[torch.Tensor], dtype: torch.dtype, device: torch.device,
-               timing: Dict[str, Any], row: Dict[str, Any]) -> None:
-    """Puts the median ms of the forward, the backward alone and forward + backward of `impl` in `dtype` into
-    `row`, one after the other (an impl whose backward fails keeps its forward time)."""
+def _op_inputs(op: str, inputs: Sequence[torch.Tensor], dtype: torch.dtype, requires_grad: bool = False
+               ) -> List[torch.Tensor]:
+    """Fresh leaves for `op`: the scan's u, z, gamma, theta_f, theta_r (`cast_scan_inputs`); the mixer op's
+    x = [u | z | g], gamma, theta_f, theta_r, the LayerNorm's weight and bias (2C,) and in_proj's bias (5C,)."""
     x = cast_scan_inputs(inputs, dtype)
+    if op == 'mixer':
+        u, z, gamma, theta_f, theta_r = x
+        C = z.shape[-1]
+        gen = torch.Generator(device=u.device).manual_seed(1)
+        vec = dict(device=u.device, dtype=gamma.dtype)
+        gate = torch.randn(u.shape, generator=gen, device=u.device).to(dtype)
+        x = [torch.cat([u, z, gate], -1), gamma, theta_f, theta_r, 1 + 0.5 * torch.randn(2 * C, generator=gen, **vec),
+             0.3 * torch.randn(2 * C, generator=gen, **vec), torch.randn(5 * C, generator=gen, **vec)]
+    return [t.requires_grad_(requires_grad) for t in x]
+
+
+def _call(op: str, impl: str, x: Sequence[torch.Tensor]) -> torch.Tensor:
+    if op == 'mixer':
+        return bihgru_scan_norm_gate(*x[:-1], in_bias=x[-1], impl=impl)
+    return bihgru_scan(*x, impl=impl)
+
+
+def _time_into(row: Dict[str, Any], key: str, fn, device: torch.device, timing: Dict[str, Any],
+               host: bool = True) -> None:
+    """row[key_ms]: median GPU time of `fn` by CUDA-graph replay (the CPU: wall clock); on CUDA with `host` also
+    row[key_host_ms], the plain calls between CUDA events."""
+    cuda = device.type == 'cuda'
+    if cuda and host:
+        row[f'{key}_host_ms'] = statistics.median(time_fn(fn, device, **timing))
+    row[f'{key}_ms'] = statistics.median(time_fn(fn, device, cuda_graph=cuda, **timing))
+
+
+def _time_impl(op: str, impl: str, inputs: Sequence[torch.Tensor], dtype: torch.dtype, device: torch.device,
+               timing: Dict[str, Any], row: Dict[str, Any]) -> None:
+    """Puts the median ms of the forward, the backward alone and forward + backward of `op` by `impl` in `dtype`
+    into `row`, one after the other (an impl whose backward fails keeps its forward time)."""
+    x = _op_inputs(op, inputs, dtype)
     with torch.no_grad():
-        row['fwd_ms'] = statistics.median(time_fn(lambda: bihgru_scan(*x, impl=impl), device, **timing))
-    xg = cast_scan_inputs(inputs, dtype, requires_grad=True)
-    dout = torch.randn(x[0].shape, device=device, dtype=dtype)
-    row['bwd_ms'] = _time_bwd(impl, xg, dout, device, timing)
-
-    def fwdbwd():
-        torch.autograd.grad(bihgru_scan(*xg, impl=impl), xg, dout)
-
-    row['fwdbwd_ms'] = statistics.median(time_fn(fwdbwd, device, **timing))
+        _time_into(row, 'fwd', lambda: _call(op, impl, x), device, timing)
+    xg = _op_inputs(op, inputs, dtype, requires_grad=True)
+    if device.type == 'cuda':  # the forward on the capture stream, where autograd will run its backward
+        side = graph_stream(device)
+        side.wait_stream(torch.cuda.current_stream(device))
+        with torch.cuda.stream(side):
+            out = _call(op, impl, xg)
+        torch.cuda.current_stream(device).wait_stream(side)
+    else:
+        out = _call(op, impl, xg)
+    dout = torch.randn(out.shape, device=device, dtype=out.dtype)
+    _time_into(row, 'bwd', lambda o=out: torch.autograd.grad(o, xg, dout, retain_graph=True), device, timing)
+    del out  # and its graph
+    _time_into(row, 'fwdbwd', lambda: torch.autograd.grad(_call(op, impl, xg), xg, dout), device, timing, host=False)
 
 
 def float64_reference(inputs: Sequence[torch.Tensor], dout: torch.Tensor,
@@ -180,12 +225,14 @@ def benchmark_scan(
         output_dir: str = 'output/benchmark',
         name: str = 'scan',
         seed: int = 0,
+        ops: Sequence[str] = ('scan', 'mixer'),
 ) -> Dict[str, Any]:
     """Runs the scan benchmark (and with `check` the float64 comparison), prints the tables, writes
     `<name>.csv` (and `<name>_check.csv`) and `<name>.json` into `output_dir`.
 
     `shapes` default to `SCAN_SHAPES` on CUDA (`CPU_SHAPES` on the CPU), `impls` to every available one but
-    'reference'; `timing` (`time_fn` arguments) overrides `GPU_TIMING` / `CPU_TIMING`. An implementation that
+    'reference', `ops` to both ('scan', 'mixer'; the float64 check covers the scan); `timing` (`time_fn` arguments)
+    overrides `GPU_TIMING` / `CPU_TIMING`. An implementation that
     fails or runs out of memory at a shape gives a row with its status.
     """
     dev = torch.device(device)
@@ -199,7 +246,7 @@ def benchmark_scan(
     meta = environment(dev)
     meta.update(measure_copy_bandwidth(dev, warmup=timing['warmup'], max_time=timing['max_time']))
     meta.update(shapes=[list(s) for s in shapes], dtypes=[str(d).replace('torch.', '') for d in dtypes],
-                impls=impls, fwd_elems=FWD_ELEMS, bwd_elems=BWD_ELEMS, timing=timing)
+                impls=impls, ops=list(ops), floor_elems=OPS, timing=timing)
     copy = meta['copy_gbps']
     print(f'{meta["device"]}: torch {meta["torch"]}, triton {meta["triton"]}; copy bandwidth {copy:.0f} GB/s '
           f'({meta["copy_bytes"] / 1e9:.2f} GB read + written in {meta["copy_ms"]:.3f} ms); impls {impls}',
@@ -208,7 +255,7 @@ def benchmark_scan(
     rows: List[Dict[str, Any]] = []
     check_rows: List[Dict[str, Any]] = []
     for B, N, C in shapes:
-        need = 4 * (3 + 2 + 2 + 3) * B * N * C  # float32 u, z, out, dout, du, dz
+        need = 4 * (5 + 2 + 2 + 5 + 2) * B * N * C  # float32 x, y, dy, dx, and the scan's h
         if need > free_memory(dev):
             print(f'  skipped (B, N, C) = {(B, N, C)}: its float32 inputs, outputs and gradients need '
                   f'{need / 1e9:.1f} GB, {free_memory(dev) / 1e9:.1f} GB free', flush=True)
@@ -224,11 +271,11 @@ def benchmark_scan(
                 except OOM_ERRORS:
                     print(f'  no float64 reference at {(B, N, C)} {dtype}: out of memory', flush=True)
                 release_memory(dev)
-            for impl in impls:
-                row: Dict[str, Any] = dict(impl=impl, B=B, N=N, C=C, dtype=str(dtype).replace('torch.', ''),
+            for impl, op in ((i, o) for i in impls for o in ops):
+                row: Dict[str, Any] = dict(op=op, impl=impl, B=B, N=N, C=C, dtype=str(dtype).replace('torch.', ''),
                                            status='ok')
                 try:
-                    _time_impl(impl, inputs, dtype, dev, timing, row)
+                    _time_impl(op, impl, inputs, dtype, dev, timing, row)
                 except OOM_ERRORS:
                     row['status'] = 'oom'
                 except Exception as e:  # e.g. a CUDA-only impl on the CPU: a row with the reason, not the end
@@ -236,14 +283,15 @@ def benchmark_scan(
                     if dev.type == 'cuda':
                         traceback.print_exc()
                 release_memory(dev)
-                for key, elems in (('fwd', FWD_ELEMS), ('bwd', BWD_ELEMS), ('fwdbwd', FWD_ELEMS + BWD_ELEMS)):
+                fwd_elems, bwd_elems = OPS[op]
+                for key, elems in (('fwd', fwd_elems), ('bwd', bwd_elems), ('fwdbwd', fwd_elems + bwd_elems)):
                     if f'{key}_ms' in row:
                         row[f'{key}_gbps'] = elems * floor_elem / row[f'{key}_ms'] / 1e6
                         row[f'{key}_pct_copy'] = 100 * row[f'{key}_gbps'] / copy
                 rows.append(row)
                 times = ', '.join(f'{k} {row[k + "_ms"]:.4f} ms' for k in ('fwd', 'bwd', 'fwdbwd') if k + '_ms' in row)
-                print(f'  {impl} {(B, N, C)} {row["dtype"]}: {times} {row["status"]}', flush=True)
-                if check:
+                print(f'  {op} {impl} {(B, N, C)} {row["dtype"]}: {times} {row["status"]}', flush=True)
+                if check and op == 'scan':
                     crow = {k: row[k] for k in ('impl', 'B', 'N', 'C', 'dtype')}
                     crow['status'] = 'ok' if ref is not None else 'no reference'
                     if 'fwd_ms' not in row:
@@ -263,8 +311,10 @@ def benchmark_scan(
 
     print()
     print(format_table(rows, SCAN_COLUMNS))
-    print(f'GB/s over the byte floor: forward {FWD_ELEMS}, backward {BWD_ELEMS}, forward + backward '
-          f'{FWD_ELEMS + BWD_ELEMS} elements of the dtype per (B, N, C) element; %copy: of {copy:.0f} GB/s measured.')
+    timed = 'CUDA-graph replays (the kernels), host ms: plain calls' if dev.type == 'cuda' else 'wall clock'
+    print(f'ms: {timed}. GB/s over the byte floor in elements of the dtype per (B, N, C) element, forward / backward: '
+          f'scan {FWD_ELEMS} / {BWD_ELEMS}, mixer {MIXER_FWD_ELEMS} / {MIXER_BWD_ELEMS}; %copy: of {copy:.0f} GB/s '
+          f'measured.')
     if check:
         print()
         print(format_table(check_rows, CHECK_COLUMNS))

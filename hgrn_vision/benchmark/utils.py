@@ -44,6 +44,18 @@ def _sync(device: torch.device) -> None:
 _L2_FLUSH: Dict[torch.device, torch.Tensor] = {}
 
 
+_GRAPH_STREAMS: Dict[torch.device, 'torch.cuda.Stream'] = {}
+
+
+def graph_stream(device: torch.device) -> 'torch.cuda.Stream':
+    """The side stream `time_fn(cuda_graph=True)` captures on. Run a forward on it (`with torch.cuda.stream(...)`)
+    whose backward alone is then captured: autograd runs a backward on its forward's stream, and a capture may not
+    depend on the default stream."""
+    if device not in _GRAPH_STREAMS:
+        _GRAPH_STREAMS[device] = torch.cuda.Stream(device)
+    return _GRAPH_STREAMS[device]
+
+
 def time_fn(
         fn: Callable[[], Any],
         device: torch.device,
@@ -52,18 +64,31 @@ def time_fn(
         max_iters: int = 100,
         max_time: float = 1.0,
         flush_l2: bool = False,
+        cuda_graph: bool = False,
 ) -> List[float]:
     """Times `fn` after `warmup` calls; returns the per-call times in ms (take the median).
 
     On CUDA each call sits between its own pair of CUDA events; with `flush_l2` a 256 MB buffer is zeroed
     before each call (outside the events) so no call reads the previous call's data from L2, as
-    `triton.testing.do_bench` does. On the CPU the wall clock after each call. Stops after `max_iters` calls, or
-    once `max_time` seconds have passed and at least `min_iters` calls were timed.
+    `triton.testing.do_bench` does. With `cuda_graph` the call is captured once in a CUDA graph and its replays
+    are timed: the GPU time of its kernels, without the host's launch path (which the plain calls include whenever
+    the host is slower than the kernels). On the CPU the wall clock after each call. Stops after `max_iters` calls,
+    or once `max_time` seconds have passed and at least `min_iters` calls were timed.
     """
     for _ in range(warmup):
         fn()
     _sync(device)
     cuda = device.type == 'cuda'
+    if cuda and cuda_graph:
+        graph = torch.cuda.CUDAGraph()
+        side = graph_stream(device)  # capture wants warmed-up calls on a side stream first
+        side.wait_stream(torch.cuda.current_stream(device))
+        with torch.cuda.stream(side):
+            fn()
+        torch.cuda.current_stream(device).wait_stream(side)
+        with torch.cuda.graph(graph, stream=side):
+            fn()
+        fn = graph.replay
     flush = None
     if cuda and flush_l2:
         if device not in _L2_FLUSH:
