@@ -64,8 +64,8 @@ GROUP = 4
 
 # sigmoid in 4 instructions (ex2 and rcp, both flushing denormals) instead of tl.sigmoid's ~11 (a denormal-exact exp and
 # a range-checked division): 27% fewer instructions per element in the forward's loops (SASS for sm_90a), 1.04-1.08x
-# on the bf16 forward (docs/performance.md, run20). Triton's interpreter cannot run PTX, so there it is tl.sigmoid; on the GPU
-# `scripts/gpu_scan_tune.py check` covers the PTX against float64.
+# on the bf16 forward (docs/performance.md, run20). Triton's interpreter cannot run PTX, so there it is tl.sigmoid; on
+# the GPU `scripts/gpu_scan_tune.py check` covers the PTX against float64.
 _PTX_SIGMOID = tl.constexpr(os.environ.get('TRITON_INTERPRET', '0') != '1')
 
 

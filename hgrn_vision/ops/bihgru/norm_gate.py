@@ -24,13 +24,15 @@ from torch import Tensor
 from .fused import _num_sms, _sigmoid, bihgru_bwd, bihgru_fwd, check_triton_device
 
 # (tokens per program tile, warps) of the forward, and (tokens per tile, warps, programs per SM) of the backward, whose
-# programs loop over tiles summing the weight and bias gradients of their tokens. H100, bf16, 2C = 768
+# programs loop over tiles summing the weight and bias gradients of their tokens; the backward takes at least a warp per
+# BWD_CHANNELS_PER_WARP channels (2C = 1536, the base model: 4 warps, untuned). H100, bf16, 2C = 768
 # (`scripts/gpu_scan_tune.py normgate_tune`, run27/run28): forward 109 us at (256, 256, 384), 92% of the copy
-# bandwidth over h, g, y (inductor's LayerNorm + gate 106 us); backward 255 us, 66% over dy, h, g, dh, dg. The
-# backward at (2, 4) takes 255 registers without spilling (ptxas, sm_90a); larger tiles per warp spill (4 x 4 warps:
-# 764 bytes, 8 x 4: 11 KB) and ran 1.3x to 20x slower.
+# bandwidth over h, g, y (inductor's LayerNorm + gate 106 us). H200 (run42): the backward at (2, 2, 16) takes 133 us
+# at (256, 256, 192) where (2, 4, 8) took 520 (3.9x), and 218 against 243 us at (256, 256, 384); on the H100 (2, 4, 8)
+# had won at 2C = 768 (255 registers, no spills); larger tiles per warp spill and ran 1.3x to 20x slower.
 FWD_CFG = (1, 2)
-BWD_CFG = (2, 4, 8)
+BWD_CFG = (2, 2, 16)
+BWD_CHANNELS_PER_WARP = 512
 
 
 @triton.jit
@@ -144,13 +146,15 @@ def norm_gate_bwd(dy, h, x, weight, bias, eps, dx):
     B, N, D = h.shape
     dh = torch.empty_like(h)
     rows, warps, programs_per_sm = BWD_CFG
+    block_d = triton.next_power_of_2(D)
+    warps = max(warps, block_d // BWD_CHANNELS_PER_WARP)
     n_tiles = triton.cdiv(B * N, rows)
     grid = min(n_tiles, programs_per_sm * _num_sms(h.device))
     part = torch.empty(grid, 3, D, device=h.device, dtype=torch.float32)
     _norm_gate_bwd_kernel[(grid,)](
         dy, h, x, weight, bias, dh, dx, part, B * N, N, D, h.stride(0), h.stride(1), x.stride(0), x.stride(1),
         dy.stride(0), dy.stride(1), dx.stride(0), dx.stride(1), x.shape[-1] - D, eps, n_tiles,
-        BLOCK_D=triton.next_power_of_2(D), ROWS=rows, num_warps=warps)
+        BLOCK_D=block_d, ROWS=rows, num_warps=warps)
     dw, db, dgs = part.sum(0).unbind(0)
     return dh, dw.to(weight.dtype, copy=True), db.to(bias.dtype, copy=True), dgs
 
