@@ -33,9 +33,9 @@ from timm.models import push_to_hf_hub, save_for_hf
 from timm.models._hub import generate_readme
 
 from hgrn_vision.layers import HgruMixer
-from hgrn_vision.models.hgrn_deit import HgrnDeit, checkpoint_filter_fn
+from hgrn_vision.models.hgrn_deit import HgrnDeit
 from hgrn_vision.train.args import ParseKwargs, UserError
-from hgrn_vision.train.checkpoint import _load_strict, load_checkpoint_file, model_state_from_checkpoint
+from hgrn_vision.train.checkpoint import _load_strict, fit_state_dict, load_checkpoint_file, model_state_from_checkpoint
 from hgrn_vision.train.trainer import create_train_model
 
 __all__ = ['export_parser', 'load_export_model', 'model_card', 'export_onnx', 'export', 'main']
@@ -145,8 +145,7 @@ def load_export_model(
     state_dict, key = model_state_from_checkpoint(ckpt, use_ema=use_ema)
     if use_ema and key not in _EMA_KEYS:
         raise UserError(f'--ema: checkpoint {checkpoint!r} holds no EMA weights.')
-    if isinstance(model, HgrnDeit):
-        state_dict = _fit_hgrn_state_dict(state_dict, model, checkpoint, flags['model'])
+    state_dict = fit_state_dict(state_dict, model, checkpoint, flags['model'])
     _load_strict(model, state_dict, checkpoint, f'model {flags["model"]}')
     model.eval()
 
@@ -167,19 +166,6 @@ def load_export_model(
     _logger.info(f'Loaded {"EMA" if info["ema"] else "raw"} weights ({key or "bare state dict"}) of '
                  f'{flags["model"]} {model_args} from {checkpoint}')
     return model, model_args, info
-
-
-def _fit_hgrn_state_dict(state_dict: Dict[str, Any], model: HgrnDeit, checkpoint: str, name: str) -> Dict[str, Any]:
-    """`checkpoint_filter_fn`: the authors' layout converted, another width / depth named; what is not an HGRN-DeiT
-    state dict at all (a DeiT's) is called another architecture."""
-    try:
-        return checkpoint_filter_fn(state_dict, model)
-    except (ValueError, KeyError) as e:
-        reason = str(e)
-    foreign = [k for k in state_dict if k not in model.state_dict()]
-    if foreign and 'to_patch_embedding.1.weight' not in state_dict:  # neither our layout nor the authors'
-        reason = f'it holds tensors that {name} has not (e.g. {foreign[:3]}); was it written for another architecture?'
-    raise UserError(f'Checkpoint {checkpoint!r} does not fit model {name}: {reason}')
 
 
 def _summary_top1(

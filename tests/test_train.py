@@ -15,7 +15,6 @@ from PIL import Image
 from test_checkpoint_conversion import AuthorsHgrnVit
 
 import hgrn_vision  # noqa: F401
-from hgrn_vision.models.hgrn_deit import checkpoint_filter_fn
 from hgrn_vision.train import evaluate as evaluate_mod
 from hgrn_vision.train import trainer
 from hgrn_vision.train.args import load_config_file, parse_args, train_parser
@@ -239,7 +238,7 @@ def test_finetune_from_authors_checkpoint(tmp_path, caplog):
     model = trainer.create_train_model(parse_args(train_parser(), TINY), 3)
     head_before = model.head.weight.detach().clone()
     caplog.set_level('INFO')
-    assert load_finetune_checkpoint(model, str(path), filter_fn=checkpoint_filter_fn) == ['head.weight', 'head.bias']
+    assert load_finetune_checkpoint(model, str(path), 'hgrn_deit_tiny') == ['head.weight', 'head.bias']
     assert 'head.weight (1000, 32) -> (3, 32)' in caplog.text
     assert torch.equal(model.head.weight, head_before)
     assert torch.equal(model.blocks[1].mlp.fc2.weight, authors.layers[1].feature_mixer.l3.weight)

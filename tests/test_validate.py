@@ -1,6 +1,7 @@
 """validate.py evaluates the model a checkpoint was trained as, refuses a --model / --model-kwargs that names another,
 and its result names the model and its kwargs."""
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -68,3 +69,21 @@ def test_checkpoint_with_only_an_arch_name(run, tmp_path, capsys):
     assert out['model'] == 'hgrn_deit_small' and out['model_kwargs'] == KWARGS
     err = _run_main(evaluate_mod.main, [run[0], '--checkpoint', path, *EVAL, '--model', 'hgrn_deit_tiny'], capsys)
     assert f'--model hgrn_deit_tiny disagrees with checkpoint {str(path)!r}, trained as hgrn_deit_small: ' in err, err
+
+
+def test_authors_checkpoint(tmp_path, monkeypatch):
+    """A checkpoint written by the authors' code (tests/data/authors_hgrn) is converted and evaluated as the model
+    named on the command line; the model evaluated gives their logits."""
+    fixture = Path(__file__).parent / 'data' / 'authors_hgrn'
+    folder = _make_folder(tmp_path / 'data', classes=10, n_train=1, n_val=1, size=56)
+    evaluated = []
+    run_eval = evaluate_mod.evaluate
+    monkeypatch.setattr(evaluate_mod, 'evaluate', lambda model, *a, **k: evaluated.append(model) or run_eval(
+        model, *a, **k))
+    out = _validate(folder, fixture / 'checkpoint.pth', '--model', 'hgrn_deit_tiny', '--model-kwargs', 'embed_dim=64',
+                    'depth=2', '--num-classes', 10, '--img-size', 56)
+    assert out['model'] == 'hgrn_deit_tiny' and out['model_kwargs'] == {'embed_dim': 64, 'depth': 2}
+    assert out['samples'] == 10 and out['param_count'] == 0.15  # their 147,658
+    with torch.no_grad():
+        logits = evaluated[0].cpu().float()(torch.load(fixture / 'input.pt'))
+    torch.testing.assert_close(logits, torch.load(fixture / 'logits_fp32.pt'), rtol=0, atol=1e-5)

@@ -8,6 +8,7 @@ import glob
 import logging
 import os
 import random
+import re
 import shutil
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
@@ -161,6 +162,24 @@ def _shorten_keys(line: str, keep: int = 3) -> str:
     return f'{head}: {", ".join(names[:keep])} and {len(names) - keep} more.'
 
 
+def fit_state_dict(state_dict: Dict[str, Any], model: nn.Module, path: str, name: str) -> Dict[str, Any]:
+    """`state_dict` in `model`'s layout: for an HGRN-DeiT through its `checkpoint_filter_fn` (the authors' layout
+    converted; another width / depth named, and what is no HGRN-DeiT state dict at all called another architecture,
+    as a `UserError`); other models' as it is."""
+    from hgrn_vision.models.hgrn_deit import HgrnDeit, checkpoint_filter_fn
+    if not isinstance(model, HgrnDeit):
+        return state_dict
+    try:
+        return checkpoint_filter_fn(state_dict, model)
+    except (ValueError, KeyError) as e:
+        reason = str(e)
+    own = model.state_dict()
+    foreign = [k for k in state_dict if re.sub(r'^blocks\.\d+\.', 'blocks.0.', k) not in own]  # deeper is not foreign
+    if foreign and 'to_patch_embedding.1.weight' not in state_dict:  # neither our layout nor the authors'
+        reason = f'it holds tensors that {name} has not (e.g. {foreign[:3]}); was it written for another architecture?'
+    raise UserError(f'Checkpoint {path!r} does not fit model {name}: {reason}')
+
+
 def _load_strict(module: nn.Module, state_dict: Dict[str, Any], path: str, what: str) -> None:
     try:
         module.load_state_dict(state_dict, strict=True)
@@ -206,20 +225,14 @@ def resume_training_state(
     return ckpt
 
 
-def load_finetune_checkpoint(model: nn.Module, path: str, filter_fn: Optional[Callable] = None) -> List[str]:
-    """Load weights for fine-tuning: all that fit; a head of another size (new `num_classes`) stays freshly
-    initialised; a patch embedding of another channel count or patch size is adapted. Returns the dropped keys.
-
-    `filter_fn(state_dict, model)` converts foreign layouts (the model's `checkpoint_filter_fn`: the authors'
-    checkpoints) and refuses other widths / depths, naming the tensors.
+def load_finetune_checkpoint(model: nn.Module, path: str, name: str) -> List[str]:
+    """Load weights for fine-tuning into `model` (named `name` in errors): all that fit; a head of another size (new
+    `num_classes`) stays freshly initialised; a patch embedding of another channel count or patch size is adapted.
+    Foreign layouts (the authors' checkpoints) are converted by `fit_state_dict`. Returns the dropped keys.
     """
     ckpt = load_checkpoint_file(path)
     state_dict, _ = model_state_from_checkpoint(ckpt, use_ema=True)
-    if filter_fn is not None:
-        try:
-            state_dict = filter_fn(state_dict, model)
-        except (ValueError, KeyError) as e:
-            raise UserError(f'Checkpoint {path!r} does not fit model {type(model).__name__}: {e}') from None
+    state_dict = fit_state_dict(state_dict, model, path, name)
     own = model.state_dict()
     unexpected = [k for k in state_dict if k not in own]
     missing = [k for k in own if k not in state_dict]

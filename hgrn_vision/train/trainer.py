@@ -82,14 +82,6 @@ def create_train_model(args: argparse.Namespace, num_classes: int, pretrained: b
         raise UserError(f'Cannot create model {args.model!r} with {kwargs}: {e}') from None
 
 
-def _filter_fn_for(model: nn.Module):
-    try:
-        from hgrn_vision.models.hgrn_deit import HgrnDeit, checkpoint_filter_fn
-    except ImportError:
-        return None
-    return checkpoint_filter_fn if isinstance(model, HgrnDeit) else None
-
-
 def _default_data_kwargs(args: argparse.Namespace) -> Dict[str, Any]:
     return dict(input_img_mode=args.input_img_mode, input_key=args.input_key, target_key=args.target_key)
 
@@ -154,7 +146,7 @@ def train(args: argparse.Namespace) -> Dict[str, Any]:
     random_seed(args.seed, 0)  # identical initial weights on every rank
     model = create_train_model(args, args.num_classes, pretrained=args.pretrained)
     if args.initial_checkpoint and not resume_path:
-        load_finetune_checkpoint(model, args.initial_checkpoint, filter_fn=_filter_fn_for(model))
+        load_finetune_checkpoint(model, args.initial_checkpoint, args.model)
     if is_primary:
         n_params = sum(p.numel() for p in model.parameters())
         _logger.info(f'Model {args.model} created, {n_params:,} parameters, {args.num_classes} classes')
