@@ -16,6 +16,7 @@ from timm.utils import ParseKwargs
 
 import hgrn_vision  # noqa: F401  (registers the hgrn_deit entries with timm)
 from hgrn_vision.benchmark import benchmark_models, benchmark_scan, parse_dtype, profile_models
+from hgrn_vision.benchmark.models import reference_models
 
 
 def _shape(text: str) -> Tuple[int, int, int]:
@@ -100,8 +101,11 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Optional[List[str]] = None) -> dict:
     parser = build_parser()
     args = parser.parse_args(argv)
-    if args.command == 'models' and args.pairs and len(args.models) % 2:
-        parser.error(f'--pairs takes (model, baseline) pairs, got {len(args.models)} models: {" ".join(args.models)}')
+    if args.command == 'models':
+        try:
+            reference_models(args.models, args.pairs)  # a bad pairing is a usage error, before anything runs
+        except ValueError as e:
+            parser.error(str(e))
     name = args.name or args.command
     if args.command == 'models':
         return benchmark_models(

@@ -35,7 +35,13 @@ from timm.models._hub import generate_readme
 from hgrn_vision.layers import HgruMixer
 from hgrn_vision.models.hgrn_deit import HgrnDeit
 from hgrn_vision.train.args import ParseKwargs, UserError
-from hgrn_vision.train.checkpoint import _load_strict, fit_state_dict, load_checkpoint_file, model_state_from_checkpoint
+from hgrn_vision.train.checkpoint import (
+    EMA_KEYS,
+    _load_strict,
+    fit_state_dict,
+    load_checkpoint_file,
+    model_state_from_checkpoint,
+)
 from hgrn_vision.train.trainer import create_train_model
 
 __all__ = ['export_parser', 'load_export_model', 'model_card', 'export_onnx', 'export', 'main']
@@ -44,7 +50,6 @@ _logger = logging.getLogger('export')
 
 # the flags that define the model of a bare state dict; a train.py checkpoint's saved args define them there
 _MODEL_FLAGS = ('model', 'model_kwargs', 'num_classes', 'in_chans', 'img_size')
-_EMA_KEYS = ('state_dict_ema', 'model_ema')
 ONNX_FILE = 'model.onnx'
 ONNX_ATOL = 1e-3  # fp32 logits, onnxruntime vs PyTorch
 HGRN_CITATION = """@inproceedings{qin2023hierarchically,
@@ -143,7 +148,7 @@ def load_export_model(
         num_classes=flags.get('num_classes'))
 
     state_dict, key = model_state_from_checkpoint(ckpt, use_ema=use_ema)
-    if use_ema and key not in _EMA_KEYS:
+    if use_ema and key not in EMA_KEYS:
         raise UserError(f'--ema: checkpoint {checkpoint!r} holds no EMA weights.')
     state_dict = fit_state_dict(state_dict, model, checkpoint, flags['model'])
     _load_strict(model, state_dict, checkpoint, f'model {flags["model"]}')
@@ -161,8 +166,8 @@ def load_export_model(
 
     model_args = dict(model_kwargs, num_classes=model.num_classes)
     model_args.pop('scan_impl', None)  # a runtime choice, not part of the weights: the loader picks for its device
-    info = dict(checkpoint=checkpoint, key=key, ema=key in _EMA_KEYS, epoch=ckpt.get('epoch'), saved=saved,
-                top1=_summary_top1(checkpoint, ckpt, saved, key in _EMA_KEYS))
+    info = dict(checkpoint=checkpoint, key=key, ema=key in EMA_KEYS, epoch=ckpt.get('epoch'), saved=saved,
+                top1=_summary_top1(checkpoint, ckpt, saved, key in EMA_KEYS))
     _logger.info(f'Loaded {"EMA" if info["ema"] else "raw"} weights ({key or "bare state dict"}) of '
                  f'{flags["model"]} {model_args} from {checkpoint}')
     return model, model_args, info

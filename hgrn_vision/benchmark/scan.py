@@ -36,8 +36,8 @@ from .utils import (
     environment,
     format_table,
     free_memory,
-    graph_stream,
     measure_copy_bandwidth,
+    on_graph_stream,
     release_memory,
     time_fn,
     write_csv,
@@ -148,14 +148,7 @@ def _time_impl(op: str, impl: str, inputs: Sequence[torch.Tensor], dtype: torch.
     with torch.no_grad():
         _time_into(row, 'fwd', lambda: _call(op, impl, x), device, timing)
     xg = _op_inputs(op, inputs, dtype, requires_grad=True)
-    if device.type == 'cuda':  # the forward on the capture stream, where autograd will run its backward
-        side = graph_stream(device)
-        side.wait_stream(torch.cuda.current_stream(device))
-        with torch.cuda.stream(side):
-            out = _call(op, impl, xg)
-        torch.cuda.current_stream(device).wait_stream(side)
-    else:
-        out = _call(op, impl, xg)
+    out = on_graph_stream(lambda: _call(op, impl, xg), device)  # where autograd will run its backward
     dout = torch.randn(out.shape, device=device, dtype=out.dtype)
     _time_into(row, 'bwd', lambda o=out: torch.autograd.grad(o, xg, dout, retain_graph=True), device, timing)
     del out  # and its graph

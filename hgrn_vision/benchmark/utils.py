@@ -47,13 +47,25 @@ _L2_FLUSH: Dict[torch.device, torch.Tensor] = {}
 _GRAPH_STREAMS: Dict[torch.device, 'torch.cuda.Stream'] = {}
 
 
-def graph_stream(device: torch.device) -> 'torch.cuda.Stream':
-    """The side stream `time_fn(cuda_graph=True)` captures on. Run a forward on it (`with torch.cuda.stream(...)`)
-    whose backward alone is then captured: autograd runs a backward on its forward's stream, and a capture may not
-    depend on the default stream."""
+def _graph_stream(device: torch.device) -> 'torch.cuda.Stream':
+    """The side stream `time_fn(cuda_graph=True)` captures on."""
     if device not in _GRAPH_STREAMS:
         _GRAPH_STREAMS[device] = torch.cuda.Stream(device)
     return _GRAPH_STREAMS[device]
+
+
+def on_graph_stream(fn: Callable[[], Any], device: torch.device) -> Any:
+    """`fn()` run on the stream `time_fn(cuda_graph=True)` captures on (on the CPU, just `fn()`). A capture wants
+    warmed-up calls there; and a forward run there can have its backward alone captured: autograd runs a backward on
+    its forward's stream, and a capture may not depend on the default stream."""
+    if device.type != 'cuda':
+        return fn()
+    side = _graph_stream(device)
+    side.wait_stream(torch.cuda.current_stream(device))
+    with torch.cuda.stream(side):
+        out = fn()
+    torch.cuda.current_stream(device).wait_stream(side)
+    return out
 
 
 def time_fn(
@@ -81,12 +93,8 @@ def time_fn(
     cuda = device.type == 'cuda'
     if cuda and cuda_graph:
         graph = torch.cuda.CUDAGraph()
-        side = graph_stream(device)  # capture wants warmed-up calls on a side stream first
-        side.wait_stream(torch.cuda.current_stream(device))
-        with torch.cuda.stream(side):
-            fn()
-        torch.cuda.current_stream(device).wait_stream(side)
-        with torch.cuda.graph(graph, stream=side):
+        on_graph_stream(fn, device)
+        with torch.cuda.graph(graph, stream=_graph_stream(device)):
             fn()
         fn = graph.replay
     flush = None

@@ -144,9 +144,12 @@ def load_checkpoint_file(path: str) -> Dict[str, Any]:
     return ckpt
 
 
+EMA_KEYS = ('state_dict_ema', 'model_ema')  # where a checkpoint keeps EMA weights (ours, then timm's older name)
+
+
 def model_state_from_checkpoint(ckpt: Dict[str, Any], use_ema: bool = False) -> Tuple[Dict[str, Any], str]:
     """The model weights of a checkpoint: EMA ones when asked for and present. Returns (state dict, its key)."""
-    keys = ('state_dict_ema', 'model_ema') if use_ema else ()
+    keys = EMA_KEYS if use_ema else ()
     for key in keys + ('state_dict', 'model'):
         if isinstance(ckpt.get(key), dict):
             return {k.removeprefix('module.'): v for k, v in ckpt[key].items()}, key
