@@ -12,7 +12,6 @@ import importlib.util
 import inspect
 import itertools
 import os
-import statistics
 import sys
 import tempfile
 import time
@@ -299,15 +298,16 @@ def normgate(shapes=((256, 256, 384), (64, 1024, 384), (12, 5329, 384)), check_b
         sys.stdout.flush()
 
 
+NG_FWD_CFGS = [(1, 2), (1, 4), (2, 2), (2, 4), (1, 1)]
 NG_BWD_CFGS = [(4, 4, 8), (2, 4, 8), (4, 4, 4), (8, 4, 4), (4, 2, 16), (2, 2, 16), (8, 4, 8), (1, 2, 16), (2, 1, 32)]
 
 
 def normgate_tune(shapes=((256, 256, 384), (12, 5329, 384))):
-    """The backward row kernel of the fused op alone (bf16) at each (rows, warps, programs per SM) config, in GB/s
-    over what it must move (dy, h, g, dh, dg: 10 elements per token and C), against the same LayerNorm + gate
-    compiled by inductor (`F.layer_norm(h) * silu(g)`, forward and its backward)."""
+    """The row kernels of the fused op alone (bf16) at each (rows, warps[, programs per SM]) config, in GB/s over
+    what they must move (forward h, g, y: 6 elements per token and C; backward dy, h, g, dh, dg: 10), against the
+    same LayerNorm + gate compiled by inductor (`F.layer_norm(h) * silu(g)`, forward and its backward)."""
     bw = measure_copy_bandwidth(torch.device('cuda'))['copy_gbps']
-    default = ng.BWD_CFG
+    defaults = ng.FWD_CFG, ng.BWD_CFG
     print(f'== norm-gate row kernels, bf16; copy bandwidth {bw:.0f} GB/s ==')
     ind = torch.compile(lambda h, g, w, b: F.layer_norm(h, (h.shape[-1],), w, b) * F.silu(g))
     for B, N, C in shapes:
@@ -318,6 +318,9 @@ def normgate_tune(shapes=((256, 256, 384), (12, 5329, 384))):
         dx = torch.empty_like(x)
         nbytes = B * N * C * 2
         rows = []
+        for cfg in NG_FWD_CFGS:
+            ng.FWD_CFG = cfg
+            rows.append((f'fwd {cfg}', bench(lambda: ng.norm_gate_fwd(h, x, w, b, 1e-5), rep=100), 6))
         for cfg in NG_BWD_CFGS:
             ng.BWD_CFG = cfg
             rows.append((f'bwd {cfg}', bench(lambda: ng.norm_gate_bwd(dy, h, x, w, b, 1e-5, dx), rep=100), 10))
@@ -331,87 +334,7 @@ def normgate_tune(shapes=((256, 256, 384), (12, 5329, 384))):
             gbps = elems * nbytes / ms / 1e6
             print(f'{str((B, N, C)):>16} {name:>18} {ms * 1e3:8.1f} us {gbps:7.0f} GB/s {100 * gbps / bw:5.1f}%')
         sys.stdout.flush()
-    ng.BWD_CFG = default
-
-
-CHUNK_CFGS = [(4, 4), (4, 8), (8, 4), (8, 8), (16, 8), (16, 16)]
-
-
-def _mixer_inputs(B, N, C, dtype):
-    u, z, *vec = inputs(B, N, C, dtype)
-    g = torch.randn(B, N, 2 * C, device='cuda', dtype=dtype) * 2
-    wb = [torch.randn(2 * C, device='cuda') * 0.5 + 1, torch.randn(2 * C, device='cuda') * 0.3]
-    return [torch.cat([u, z, g], -1), *vec, *wb]
-
-
-def _kernel_us(fn, *args):
-    """GPU time of fn(*args) in us: the median CUDA-graph replay (`benchmark.time_fn`)."""
-    from hgrn_vision.benchmark import time_fn
-    runs = time_fn(lambda: fn(*args), torch.device('cuda'), warmup=3, max_iters=200, max_time=1.0, cuda_graph=True)
-    return statistics.median(runs) * 1e3
-
-
-def _old_mixer_fwd(old, x, gamma, tf, tr, w, b, eps):
-    """The mixer forward before the chunked one: the scan's forward, then `old`'s row kernel (norm_gate_fwd)."""
-    C = x.shape[-1] // 5
-    h = fz.bihgru_fwd(x[..., :2 * C], x[..., 2 * C:3 * C], gamma, tf, tr)
-    return old.norm_gate_fwd(h, x, w, b, eps), h
-
-
-def chunked(old_path, shapes=((256, 256, 384), (12, 5329, 384), (256, 256, 192), (64, 256, 768), (3, 1000, 130))):
-    """The chunked mixer forward (`norm_gate.mixer_fwd`) against another norm_gate.py's forward (the scan's
-    two-sweep kernel + the row kernel, e.g. `git show REV:hgrn_vision/ops/bihgru/norm_gate.py`), side by side in
-    one run: y and h against float64 (the 'torch' scan composed in float64, first 16 sequences), then kernel time
-    by CUDA-graph replay (bf16) of the old forward and the new one at each CHUNK_CFGS, inference (y only) and
-    training (y and h), in % of the copy bandwidth over the floor (x read once, y written once: 7 elements per
-    (B, N, C); +2 for h)."""
-    with open(old_path) as f:
-        src = f.read().replace('from .fused import', 'from hgrn_vision.ops.bihgru.fused import')
-    old = _load_kernels(src, 'norm_gate_old')
-    dev = torch.device('cuda')
-    bw = measure_copy_bandwidth(dev)['copy_gbps']
-    print(f'== chunked mixer forward vs {old_path}; copy bandwidth {bw:.0f} GB/s ==')
-    default = ng.CHUNK_CFG
-    for (B, N, C), dtype in itertools.product(shapes, (torch.bfloat16, torch.float32)):
-        x, gamma, tf, tr, w, b = _mixer_inputs(B, N, C, dtype)
-        n = min(B, 16)
-        xd = x[:n].double()
-        h64 = bihgru_scan(xd[..., :2 * C], xd[..., 2 * C:3 * C], gamma.double(), tf.double(), tr.double(), impl='torch')
-        y64 = F.layer_norm(h64, (2 * C,), w.double(), b.double(), 1e-5) * F.silu(xd[..., 3 * C:])
-        errs = []
-        for cfg in CHUNK_CFGS:
-            ng.CHUNK_CFG = cfg
-            y, h = ng.mixer_fwd(x[:n], gamma, tf, tr, w, b, 1e-5, True)
-            y2, _ = ng.mixer_fwd(x[:n], gamma, tf, tr, w, b, 1e-5, False)
-            errs.append(max(rel_err(y, y64), rel_err(h, h64), float((y2 != y).any())))
-        h_old = fz.bihgru_fwd(x[:n, :, :2 * C], x[:n, :, 2 * C:3 * C], gamma, tf, tr)
-        err_old = rel_err(old.norm_gate_fwd(h_old, x[:n], w, b, 1e-5), y64)
-        print(f'{str((B, N, C)):>16} {str(dtype)[6:]:>9} max rel. err of y, h over configs {max(errs):.1e} '
-              f'(old y {err_old:.1e})')
-        del xd, h64, y64, h_old
-        if dtype != torch.bfloat16 or C == 130:
-            continue
-        floor = 7 * B * N * C * 2
-
-        args = (x, gamma, tf, tr, w, b, 1e-5)
-        rows = [('old', _kernel_us(_old_mixer_fwd, old, *args), 0.)]
-        for cfg in CHUNK_CFGS:
-            ng.CHUNK_CFG = cfg
-            try:
-                rows.append((str(cfg), _kernel_us(ng.mixer_fwd, *args, False), _kernel_us(ng.mixer_fwd, *args, True)))
-            except Exception as e:  # noqa: BLE001  (a config that does not compile is reported, not fatal)
-                print(cfg, 'failed', type(e).__name__, str(e)[:200])
-        for name, inf, train in rows:
-            pct = 100 * floor / inf / 1e3 / bw
-            line = f'{str((B, N, C)):>16} {name:>9} infer {inf:8.1f} us {pct:5.1f}% ({rows[0][1] / inf:4.2f}x old)'
-            if train:  # the old forward is the same for training
-                pct = 100 * floor * 9 / 7 / train / 1e3 / bw
-                line += f'   train {train:8.1f} us {pct:5.1f}% ({rows[0][1] / train:4.2f}x old)'
-            print(line)
-        sys.stdout.flush()
-        del x
-        torch.cuda.empty_cache()
-    ng.CHUNK_CFG = default
+    ng.FWD_CFG, ng.BWD_CFG = defaults
 
 
 def compile_model():
@@ -435,9 +358,6 @@ if __name__ == '__main__':
     what = sys.argv[1:] or ['stress', 'check', 'compile', 'tune']
     if what[0] == 'compare':
         compare(what[1])
-        sys.exit()
-    if what[0] == 'chunked':
-        chunked(what[1])
         sys.exit()
     commands = {  # run in this order, whatever the order asked
         'stress': stress, 'check': check, 'compile': compile_model, 'host': host_overhead, 'onchip': onchip,

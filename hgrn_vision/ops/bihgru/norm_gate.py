@@ -21,13 +21,16 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from .fused import _compose, _gates, _load_row, _num_sms, _sigmoid, bihgru_bwd, check_triton_device
+from .fused import _num_sms, _sigmoid, bihgru_bwd, bihgru_fwd, check_triton_device
 
-# (tokens per tile, warps, programs per SM) of the backward row kernel, whose programs loop over tiles summing the
-# weight and bias gradients of their tokens; it takes at least a warp per BWD_CHANNELS_PER_WARP channels (2C = 1536,
-# the base model: 4 warps, untuned). H200 (run42): (2, 2, 16) takes 133 us at (256, 256, 192) where (2, 4, 8) took 520
-# (3.9x), and 218 against 243 us at (256, 256, 384); on the H100 (2, 4, 8) had won at 2C = 768 (255 registers, no
-# spills); larger tiles per warp spill and ran 1.3x to 20x slower.
+# (tokens per program tile, warps) of the forward, and (tokens per tile, warps, programs per SM) of the backward, whose
+# programs loop over tiles summing the weight and bias gradients of their tokens; the backward takes at least a warp per
+# BWD_CHANNELS_PER_WARP channels (2C = 1536, the base model: 4 warps, untuned). H100, bf16, 2C = 768
+# (`scripts/gpu_scan_tune.py normgate_tune`, run27/run28): forward 109 us at (256, 256, 384), 92% of the copy
+# bandwidth over h, g, y (inductor's LayerNorm + gate 106 us). H200 (run42): the backward at (2, 2, 16) takes 133 us
+# at (256, 256, 192) where (2, 4, 8) took 520 (3.9x), and 218 against 243 us at (256, 256, 384); on the H100 (2, 4, 8)
+# had won at 2C = 768 (255 registers, no spills); larger tiles per warp spill and ran 1.3x to 20x slower.
+FWD_CFG = (1, 2)
 BWD_CFG = (2, 2, 16)
 BWD_CHANNELS_PER_WARP = 512
 
@@ -51,127 +54,20 @@ def _tile(rows, M, N, D, s_b, s_n, BLOCK_D: tl.constexpr):
     return off, (rows < M)[:, None] & (cols < D)[None, :]
 
 
-# Chunked forward (tokens per chunk, elements per thread of a (T, C) tile): a program holds T tokens x all C complex
-# channels. Untuned first guess; see `scripts/gpu_scan_tune.py chunked`.
-CHUNK_CFG = (16, 16)
-CARRY_BLOCK_C = 128
-
-
 @triton.jit
-def _chunk_maps(x_ptr, gamma_ptr, tf_ptr, tr_ptr, b, k, N, C, s_xb, s_xn, T: tl.constexpr, BLOCK_C: tl.constexpr):
-    """Chunk k (tokens kT .. kT + T - 1) of batch row b as per-token maps of both recurrences, scanned within the
-    chunk from a zero state: the inclusive forward maps, then the inclusive reverse maps, each A re, A im, B re, B im
-    as (T, BLOCK_C) tiles, so that hf_t = A_t hf_in + B_t for the state hf_in entering the chunk (hr likewise from the
-    right). Rows past N and channels past C are identity maps. Also returns the token rows, the channels, the mask
-    and lam."""
-    t = k * T + tl.arange(0, T)[:, None]
-    cs = tl.arange(0, BLOCK_C)[None, :]
-    cmask = cs < C
-    m = (t < N) & cmask
-    gamma = tl.load(gamma_ptr + cs, mask=cmask, other=0.).to(tl.float32)
-    tf = tl.load(tf_ptr + cs, mask=cmask, other=0.).to(tl.float32)
-    tr = tl.load(tr_ptr + cs, mask=cmask, other=0.).to(tl.float32)
-    xb = x_ptr + b * s_xb + t * s_xn
-    lam, vr, vi = _gates(_load_row(xb, xb + 2 * C, cs, m), m, gamma)
-    afr, afi, bfr, bfi = tl.associative_scan(
-        (tl.where(m, lam * tl.cos(tf), 1.), lam * tl.sin(tf), vr, vi), 0, _compose)
-    arr, ari, brr, bri = tl.associative_scan(
-        (tl.where(m, lam * tl.cos(tr), 1.), lam * tl.sin(tr), vr, vi), 0, _compose, reverse=True)
-    return afr, afi, bfr, bfi, arr, ari, brr, bri, t, cs, m, lam
-
-
-@triton.jit
-def _mul(a, b):
-    return a * b
-
-
-@triton.jit
-def _chunk_summary_kernel(x_ptr, gamma_ptr, tf_ptr, tr_ptr, carry_ptr, N, C, n_chunks, s_xb, s_xn, s_cb, s_ck,
-                          T: tl.constexpr, BLOCK_C: tl.constexpr):
-    """Per chunk and channel, 5 fp32 at carry[b, k, 0..4]: the product of the chunk's lam, then B of its forward map
-    (the state it leaves from a zero state) and B of its reverse map (re, im each). The chunk's A of either direction
-    is that product times e^{i L theta} for its L tokens."""
-    pid = tl.program_id(0)
-    b, k = (pid // n_chunks).to(tl.int64), pid % n_chunks
-    _, _, bfr, bfi, _, _, brr, bri, t, cs, m, lam = _chunk_maps(
-        x_ptr, gamma_ptr, tf_ptr, tr_ptr, b, k, N, C, s_xb, s_xn, T, BLOCK_C)
-    rows = tl.arange(0, T)[:, None]
-    last, first = rows == T - 1, rows == 0
-    p = carry_ptr + b * s_cb + k * s_ck + cs
-    cmask = cs < C
-    tl.store(p, tl.reduce(tl.where(m, lam, 1.), 0, _mul, keep_dims=True), mask=cmask)
-    tl.store(p + C, tl.sum(tl.where(last, bfr, 0.), 0, keep_dims=True), mask=cmask)
-    tl.store(p + 2 * C, tl.sum(tl.where(last, bfi, 0.), 0, keep_dims=True), mask=cmask)
-    tl.store(p + 3 * C, tl.sum(tl.where(first, brr, 0.), 0, keep_dims=True), mask=cmask)
-    tl.store(p + 4 * C, tl.sum(tl.where(first, bri, 0.), 0, keep_dims=True), mask=cmask)
-
-
-@triton.jit
-def _chunk_carry_kernel(carry_ptr, tf_ptr, tr_ptr, N, C, n_chunks, s_cb, s_ck, T: tl.constexpr,
-                        BLOCK_C: tl.constexpr):
-    """Walks the chunks of batch row b forward and backward through the summaries, replacing each chunk's B of
-    either direction with the state entering the chunk from that direction."""
-    b = tl.program_id(1).to(tl.int64)
-    cs = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
-    cmask = cs < C
-    tf = tl.load(tf_ptr + cs, mask=cmask, other=0.).to(tl.float32)
-    tr = tl.load(tr_ptr + cs, mask=cmask, other=0.).to(tl.float32)
-    base = carry_ptr + b * s_cb + cs
-    for d in tl.static_range(2):
-        theta = tf if d == 0 else tr
-        sr = tl.zeros([BLOCK_C], tl.float32)
-        si = tl.zeros([BLOCK_C], tl.float32)
-        for j in range(0, n_chunks):
-            k = j if d == 0 else n_chunks - 1 - j
-            p = base + k * s_ck
-            prod = tl.load(p, mask=cmask, other=0.)
-            br = tl.load(p + (1 + 2 * d) * C, mask=cmask, other=0.)
-            bi = tl.load(p + (2 + 2 * d) * C, mask=cmask, other=0.)
-            tl.store(p + (1 + 2 * d) * C, sr, mask=cmask)
-            tl.store(p + (2 + 2 * d) * C, si, mask=cmask)
-            rot = tl.minimum(N - k * T, T).to(tl.float32) * theta
-            ar, ai = prod * tl.cos(rot), prod * tl.sin(rot)
-            sr, si = ar * sr - ai * si + br, ar * si + ai * sr + bi
-
-
-@triton.jit
-def _mixer_fwd_kernel(x_ptr, gamma_ptr, tf_ptr, tr_ptr, w_ptr, bias_ptr, carry_ptr, y_ptr, h_ptr, N, C, n_chunks,
-                      s_xb, s_xn, s_yb, s_yn, s_cb, s_ck, eps, T: tl.constexpr, BLOCK_C: tl.constexpr,
-                      CARRY: tl.constexpr, STORE_H: tl.constexpr):
-    """The mixer forward of one chunk: the scan inside it from the entering states (CARRY: from `carry`, else zero),
-    then h's LayerNorm over its 2C channels and the gate, y written once (and h if STORE_H)."""
-    pid = tl.program_id(0)
-    b, k = (pid // n_chunks).to(tl.int64), pid % n_chunks
-    afr, afi, hr_, hi_, arr, ari, rr, ri, t, cs, m, _ = _chunk_maps(
-        x_ptr, gamma_ptr, tf_ptr, tr_ptr, b, k, N, C, s_xb, s_xn, T, BLOCK_C)
-    xb = x_ptr + b * s_xb + t * s_xn
-    gr = tl.load(xb + 3 * C + cs, mask=m, other=0.).to(tl.float32)
-    gi = tl.load(xb + 4 * C + cs, mask=m, other=0.).to(tl.float32)
-    hr_, hi_ = hr_ + rr, hi_ + ri
-    cmask = cs < C
-    if CARRY:
-        p = carry_ptr + b * s_cb + k * s_ck + cs
-        fr, fi = tl.load(p + C, mask=cmask, other=0.), tl.load(p + 2 * C, mask=cmask, other=0.)
-        er, ei = tl.load(p + 3 * C, mask=cmask, other=0.), tl.load(p + 4 * C, mask=cmask, other=0.)
-        hr_ += afr * fr - afi * fi + arr * er - ari * ei
-        hi_ += afr * fi + afi * fr + arr * ei + ari * er
-    hr_, hi_ = tl.where(m, hr_, 0.), tl.where(m, hi_, 0.)
-    mean = (tl.sum(hr_, 1, keep_dims=True) + tl.sum(hi_, 1, keep_dims=True)) / (2 * C)
-    cr_, ci_ = tl.where(m, hr_ - mean, 0.), tl.where(m, hi_ - mean, 0.)
-    var = (tl.sum(cr_ * cr_, 1, keep_dims=True) + tl.sum(ci_ * ci_, 1, keep_dims=True)) / (2 * C)
-    rstd = 1. / tl.sqrt(var + eps)
-    wr = tl.load(w_ptr + cs, mask=cmask, other=0.).to(tl.float32)
-    wi = tl.load(w_ptr + C + cs, mask=cmask, other=0.).to(tl.float32)
-    br = tl.load(bias_ptr + cs, mask=cmask, other=0.).to(tl.float32)
-    bi = tl.load(bias_ptr + C + cs, mask=cmask, other=0.).to(tl.float32)
-    yr = (cr_ * rstd * wr + br) * gr * _sigmoid(gr)
-    yi = (ci_ * rstd * wi + bi) * gi * _sigmoid(gi)
-    o = b * s_yb + t * s_yn + cs
-    tl.store(y_ptr + o, yr.to(y_ptr.dtype.element_ty), mask=m)
-    tl.store(y_ptr + o + C, yi.to(y_ptr.dtype.element_ty), mask=m)
-    if STORE_H:
-        tl.store(h_ptr + o, hr_.to(h_ptr.dtype.element_ty), mask=m)
-        tl.store(h_ptr + o + C, hi_.to(h_ptr.dtype.element_ty), mask=m)
+def _norm_gate_fwd_kernel(h_ptr, x_ptr, w_ptr, b_ptr, y_ptr, M, N, D, s_hb, s_hn, s_xb, s_xn, g_off, eps,
+                          BLOCK_D: tl.constexpr, ROWS: tl.constexpr):
+    rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
+    oh, m = _tile(rows, M, N, D, s_hb, s_hn, BLOCK_D)
+    ox, _ = _tile(rows, M, N, D, s_xb, s_xn, BLOCK_D)
+    cols = tl.arange(0, BLOCK_D)
+    h = tl.load(h_ptr + oh, mask=m, other=0.).to(tl.float32)
+    g = tl.load(x_ptr + g_off + ox, mask=m, other=0.).to(tl.float32)  # all loads before the reductions' barriers
+    w = tl.load(w_ptr + cols, mask=cols < D, other=0.).to(tl.float32)
+    b = tl.load(b_ptr + cols, mask=cols < D, other=0.).to(tl.float32)
+    xhat, _ = _normalize(h, m, D, eps)
+    y = (xhat * w[None, :] + b[None, :]) * g * _sigmoid(g)
+    tl.store(y_ptr + oh, y.to(y_ptr.dtype.element_ty), mask=m)
 
 
 @triton.jit
@@ -232,31 +128,15 @@ def _norm_gate_bwd_kernel(dy_ptr, h_ptr, x_ptr, w_ptr, b_ptr, dh_ptr, dx_ptr, pa
     tl.store(part_ptr + pid * 3 * D + 2 * D + cols, dgs, mask=cols < D)
 
 
-def mixer_fwd(x, gamma, theta_f, theta_r, weight, bias, eps, keep_h):
-    """`LayerNorm(scan(u, z)) * silu(g)` of x = [u | z | g] (B, N, 5C, unit channel stride) by chunks of tokens,
-    and h = scan(u, z) when keep_h (else None), both (B, N, 2C) in the dtype of x."""
-    B, N, C5 = x.shape
-    C = C5 // 5
-    T, per_thread = CHUNK_CFG
-    T = min(T, triton.next_power_of_2(N))
-    block_c = triton.next_power_of_2(C)
-    warps = min(32, max(1, T * block_c // (32 * per_thread)))
-    n_chunks = triton.cdiv(N, T)
-    y = x.new_empty(B, N, 2 * C)
-    h = torch.empty_like(y) if keep_h else None
-    carry = x.new_empty(B, n_chunks, 5, C, dtype=torch.float32) if n_chunks > 1 else y
-    s_cb, s_ck = (carry.stride(0), carry.stride(1)) if n_chunks > 1 else (0, 0)
-    if n_chunks > 1:
-        _chunk_summary_kernel[(B * n_chunks,)](
-            x, gamma, theta_f, theta_r, carry, N, C, n_chunks, x.stride(0), x.stride(1), s_cb, s_ck, T=T,
-            BLOCK_C=block_c, num_warps=warps)
-        _chunk_carry_kernel[(triton.cdiv(C, CARRY_BLOCK_C), B)](
-            carry, theta_f, theta_r, N, C, n_chunks, s_cb, s_ck, T=T, BLOCK_C=CARRY_BLOCK_C, num_warps=4)
-    _mixer_fwd_kernel[(B * n_chunks,)](
-        x, gamma, theta_f, theta_r, weight, bias, carry, y, y if h is None else h, N, C, n_chunks, x.stride(0),
-        x.stride(1), y.stride(0), y.stride(1), s_cb, s_ck, eps, T=T, BLOCK_C=block_c, CARRY=n_chunks > 1,
-        STORE_H=keep_h, num_warps=warps)
-    return y, h
+def norm_gate_fwd(h, x, weight, bias, eps):
+    """`LayerNorm(h) * silu(g)` of h (B, N, 2C) and g = x[..., 3C:] (x (B, N, 5C)), in the dtype of h."""
+    B, N, D = h.shape
+    y = torch.empty_like(h)
+    rows, warps = FWD_CFG
+    _norm_gate_fwd_kernel[(triton.cdiv(B * N, rows),)](
+        h, x, weight, bias, y, B * N, N, D, h.stride(0), h.stride(1), x.stride(0), x.stride(1), x.shape[-1] - D,
+        eps, BLOCK_D=triton.next_power_of_2(D), ROWS=rows, num_warps=warps)
+    return y
 
 
 def norm_gate_bwd(dy, h, x, weight, bias, eps, dx):
@@ -283,19 +163,19 @@ def norm_gate_bwd(dy, h, x, weight, bias, eps, dx):
 
 @torch.library.custom_op('hgrn_vision::bihgru_norm_gate_fwd', mutates_args=())
 def _fwd_op(x: torch.Tensor, gamma: torch.Tensor, theta_f: torch.Tensor, theta_r: torch.Tensor,
-            weight: torch.Tensor, bias: torch.Tensor, eps: float, in_bias: Optional[torch.Tensor], keep_h: bool
+            weight: torch.Tensor, bias: torch.Tensor, eps: float, in_bias: Optional[torch.Tensor]
             ) -> Tuple[torch.Tensor, torch.Tensor]:
-    """(y, h): the mixer's output and, when keep_h (for the backward), the scan's (else an empty tensor). `in_bias`
-    is only differentiated."""
+    """(y, h): the mixer's output and the scan's, which the backward needs. `in_bias` is only differentiated."""
     x = x if x.stride(-1) == 1 else x.contiguous()
-    y, h = mixer_fwd(x, gamma, theta_f, theta_r, weight, bias, eps, keep_h)
-    return y, x.new_empty(0) if h is None else h
+    C = x.shape[-1] // 5
+    h = bihgru_fwd(x[..., :2 * C], x[..., 2 * C:3 * C], gamma, theta_f, theta_r)
+    return norm_gate_fwd(h, x, weight, bias, eps), h
 
 
 @_fwd_op.register_fake
-def _(x, gamma, theta_f, theta_r, weight, bias, eps, in_bias, keep_h):
+def _(x, gamma, theta_f, theta_r, weight, bias, eps, in_bias):
     shape = (*x.shape[:-1], x.shape[-1] // 5 * 2)
-    return x.new_empty(shape), x.new_empty(shape if keep_h else 0)
+    return x.new_empty(shape), x.new_empty(shape)
 
 
 @torch.library.custom_op('hgrn_vision::bihgru_norm_gate_bwd', mutates_args=())
@@ -321,7 +201,7 @@ def _(dy, x, h, gamma, theta_f, theta_r, weight, bias, eps):
 
 
 def _setup_context(ctx, inputs, output):
-    x, gamma, theta_f, theta_r, weight, bias, eps, in_bias, keep_h = inputs
+    x, gamma, theta_f, theta_r, weight, bias, eps, in_bias = inputs
     ctx.mark_non_differentiable(output[1])
     ctx.set_materialize_grads(False)
     ctx.save_for_backward(x, output[1], gamma, theta_f, theta_r, weight, bias)
@@ -331,11 +211,8 @@ def _setup_context(ctx, inputs, output):
 
 def _backward(ctx, dy, _):
     x, h, gamma, theta_f, theta_r, weight, bias = ctx.saved_tensors
-    if h.shape != dy.shape:
-        raise RuntimeError('bihgru_scan_norm_gate: the forward ran without keeping h (no input required grad when it '
-                           'ran), so it cannot be differentiated; run it with grad enabled.')
     *grads, dx_sum = _bwd_op(dy, x, h, gamma, theta_f, theta_r, weight, bias, ctx.eps)
-    return *grads, None, None if ctx.in_bias_dtype is None else dx_sum.to(ctx.in_bias_dtype), None
+    return *grads, None, None if ctx.in_bias_dtype is None else dx_sum.to(ctx.in_bias_dtype)
 
 
 _fwd_op.register_autograd(_backward, setup_context=_setup_context)
@@ -344,6 +221,4 @@ _fwd_op.register_autograd(_backward, setup_context=_setup_context)
 def bihgru_scan_norm_gate_triton(x, gamma, theta_f, theta_r, weight, bias, eps, in_bias=None) -> torch.Tensor:
     """The fused op (see `hgrn_vision.ops.bihgru_scan_norm_gate`)."""
     check_triton_device(x)
-    keep_h = torch.is_grad_enabled() and any(
-        t is not None and t.requires_grad for t in (x, gamma, theta_f, theta_r, weight, bias, in_bias))
-    return _fwd_op(x, gamma, theta_f, theta_r, weight, bias, eps, in_bias, keep_h)[0]
+    return _fwd_op(x, gamma, theta_f, theta_r, weight, bias, eps, in_bias)[0]
