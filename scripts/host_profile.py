@@ -9,18 +9,12 @@ import sys
 import time
 
 import torch
+from step_probe import train_step  # scripts/ is on sys.path when run as a script
 from torch.profiler import ProfilerActivity, profile
 
-import hgrn_vision  # noqa: F401  (registers the models)
-from hgrn_vision.benchmark.models import _make_step, create_benchmark_model, prepare_step
 
-
-def host_profile(name: str, batch: int = 256, res: int = 224, steps: int = 10) -> None:
-    torch._dynamo.reset()
-    dev = torch.device('cuda')
-    model = create_benchmark_model(name, res).to(dev)
-    opt, x, y = prepare_step(model, 'train', batch, res, dev, {})
-    step = _make_step(torch.compile(model, dynamic=False), x, y, 'train', dev, torch.bfloat16, opt)
+def host_profile(name: str, steps: int = 10) -> None:
+    step = train_step(name)
     for _ in range(5):
         step()
     torch.cuda.synchronize()

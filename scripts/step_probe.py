@@ -25,8 +25,9 @@ import hgrn_vision  # noqa: E402,F401  (registers the models)
 from hgrn_vision.benchmark.models import _make_step, create_benchmark_model, prepare_step  # noqa: E402
 
 
-def probe(name: str, ckpt: str, tag: str, mode: str = 'default', batch: int = 256, res: int = 224,
-          steps: int = 60) -> None:
+def train_step(name: str, ckpt: str = 'none', mode: str = 'default', batch: int = 256, res: int = 224):
+    """A compiled training step of timm model `name` on the GPU (bf16 autocast, fused AdamW), as a callable, with the
+    blocks under `ckpt` checkpointing and torch.compile's `mode`."""
     torch._dynamo.reset()
     dev = torch.device('cuda')
     model = create_benchmark_model(name, res).to(dev)
@@ -39,8 +40,13 @@ def probe(name: str, ckpt: str, tag: str, mode: str = 'default', batch: int = 25
     opt, x, y = prepare_step(model, 'train', batch, res, dev, {})
     step = _make_step(torch.compile(model, dynamic=False, mode=mode), x, y, 'train', dev, torch.bfloat16, opt)
     if mode == 'reduce-overhead':  # CUDA graphs: each step is a new generation of the graph trees' outputs
-        graphed = step
-        step = lambda: (torch.compiler.cudagraph_mark_step_begin(), graphed())
+        return lambda: (torch.compiler.cudagraph_mark_step_begin(), step())
+    return step
+
+
+def probe(name: str, ckpt: str, tag: str, mode: str = 'default', batch: int = 256, res: int = 224,
+          steps: int = 60) -> None:
+    step = train_step(name, ckpt, mode, batch, res)
     t = time.perf_counter()
     step()
     torch.cuda.synchronize()
