@@ -34,11 +34,12 @@ partials per program, reduced once afterwards.
 """
 import functools
 import os
-from typing import Tuple
+from typing import Callable, Tuple
 
 import torch
 import triton
 import triton.language as tl
+from torch.library import wrap_triton
 
 # (channels per program (one per thread), warps, programs per SM to aim for) of each kernel by input element size,
 # and the shortest chunk when a sequence is split. From sweeps on an H100 (scripts/gpu_scan_tune.py tune / compare,
@@ -66,7 +67,8 @@ GROUP = 4
 # a range-checked division): 27% fewer instructions per element in the forward's loops (SASS for sm_90a), 1.04-1.08x
 # on the bf16 forward (docs/performance.md, run20). Triton's interpreter cannot run PTX, so there it is tl.sigmoid; on
 # the GPU `scripts/gpu_scan_tune.py check` covers the PTX against float64.
-_PTX_SIGMOID = tl.constexpr(os.environ.get('TRITON_INTERPRET', '0') != '1')
+_INTERPRET = os.environ.get('TRITON_INTERPRET', '0') == '1'
+_PTX_SIGMOID = tl.constexpr(not _INTERPRET)
 
 
 @triton.jit
@@ -101,14 +103,14 @@ def _fold_carries(sum_ptr, s_sk, s_ss, cs, cmask, k, n_chunks, SLOT: tl.constexp
 
 
 @triton.jit
-def _channels(gamma_ptr, tf_ptr, tr_ptr, C, BLOCK_C: tl.constexpr):
-    """This program's channels, their mask, gamma and cos / sin of both angles (fp32)."""
-    cs = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
-    cmask = cs < C
+def _channels(gamma_ptr, tf_ptr, tr_ptr, cs, cmask):
+    """gamma and cos / sin of both angles (fp32) of the channels cs (masked by cmask). The kernels compute cs
+    themselves: torch.compile's mutation analysis of a kernel takes every pointer passed to a helper as written
+    when a store address derives from one of the helper's results."""
     gamma = tl.load(gamma_ptr + cs, mask=cmask, other=0.).to(tl.float32)
     tf = tl.load(tf_ptr + cs, mask=cmask, other=0.).to(tl.float32)
     tr = tl.load(tr_ptr + cs, mask=cmask, other=0.).to(tl.float32)
-    return cs, cmask, gamma, tl.cos(tf), tl.sin(tf), tl.cos(tr), tl.sin(tr)
+    return gamma, tl.cos(tf), tl.sin(tf), tl.cos(tr), tl.sin(tr)
 
 
 @triton.jit
@@ -212,7 +214,9 @@ def _bihgru_fwd_kernel(
     SUMMARY: write the chunk's (A, b) per direction instead. Loads are unrolled UNROLL rows deep so they overlap.
     """
     b, k = tl.program_id(1).to(tl.int64), tl.program_id(2)
-    cs, cmask, gamma, cf, sf, cr_, sr_ = _channels(gamma_ptr, tf_ptr, tr_ptr, C, BLOCK_C)
+    cs = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
+    cmask = cs < C
+    gamma, cf, sf, cr_, sr_ = _channels(gamma_ptr, tf_ptr, tr_ptr, cs, cmask)
     ub, zb, ob = u_ptr + b * s_ub, z_ptr + b * s_zb, out_ptr + b * s_ob
     cl = tl.where(cmask, cs, 0)  # not provably contiguous: tiles keep one column per thread, no vectorised split
     ridx = tl.arange(0, UNROLL)
@@ -370,7 +374,9 @@ def _bihgru_bwd_kernel(
     SUMMARY: write the chunk's maps of the four recurrences (hf, hr, df, dr) instead.
     """
     b, k = tl.program_id(1).to(tl.int64), tl.program_id(2)
-    cs, cmask, gamma, cf, sf, cr_, sr_ = _channels(gamma_ptr, tf_ptr, tr_ptr, C, BLOCK_C)
+    cs = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
+    cmask = cs < C
+    gamma, cf, sf, cr_, sr_ = _channels(gamma_ptr, tf_ptr, tr_ptr, cs, cmask)
     ub, zb, db = u_ptr + b * s_ub, z_ptr + b * s_zb, do_ptr + b * s_db
     cl = tl.where(cmask, cs, 0)
     ridx = tl.arange(0, UNROLL)
@@ -571,7 +577,7 @@ def bihgru_fwd(u, z, gamma, theta_f, theta_r) -> torch.Tensor:
         block_c, T = ONCHIP_CFG
         T = min(T, triton.next_power_of_2(N))
         W = triton.next_power_of_2(triton.cdiv(N, T))
-        _bihgru_fwd_onchip_kernel[(triton.cdiv(C, block_c), B)](
+        wrap_triton(_bihgru_fwd_onchip_kernel)[(triton.cdiv(C, block_c), B)](
             u, z, gamma, theta_f, theta_r, out, N, C, u.stride(0), u.stride(1), z.stride(0), z.stride(1),
             out.stride(0), out.stride(1), BLOCK_C=block_c, T=T, W=W, num_warps=max(1, W * block_c // 32))
         return out
@@ -585,8 +591,8 @@ def bihgru_fwd(u, z, gamma, theta_f, theta_r) -> torch.Tensor:
             stash.stride(1))
     meta = dict(BLOCK_C=cfg[0], UNROLL=GROUP, num_warps=cfg[1])
     if n_chunks > 1:
-        _bihgru_fwd_kernel[grid](*args, SUMMARY=True, **meta)
-    _bihgru_fwd_kernel[grid](*args, SUMMARY=False, **meta)
+        wrap_triton(_bihgru_fwd_kernel)[grid](*args, SUMMARY=True, **meta)
+    wrap_triton(_bihgru_fwd_kernel)[grid](*args, SUMMARY=False, **meta)
     return out
 
 
@@ -611,8 +617,8 @@ def bihgru_bwd(dout, u, z, gamma, theta_f, theta_r, du=None, dz=None):
             *part.stride()[:3], stash.stride(0), stash.stride(1))
     meta = dict(BLOCK_C=cfg[0], UNROLL=GROUP, num_warps=cfg[1])
     if n_chunks > 1:
-        _bihgru_bwd_kernel[grid](*args, SUMMARY=True, **meta)
-    _bihgru_bwd_kernel[grid](*args, SUMMARY=False, **meta)
+        wrap_triton(_bihgru_bwd_kernel)[grid](*args, SUMMARY=True, **meta)
+    wrap_triton(_bihgru_bwd_kernel)[grid](*args, SUMMARY=False, **meta)
     sums = part.sum(dim=(0, 1))  # one reduction; copies so that the op's outputs do not alias
     dgamma, dtf, dtr = sums[:3].unbind(0)
     return du, dz, dgamma.to(gamma.dtype, copy=True), dtf.to(theta_f.dtype, copy=True), \
@@ -625,27 +631,41 @@ def _sum_strides(summ: torch.Tensor, n_chunks: int) -> Tuple[int, int, int]:
 
 # ---- the op: registered with torch.library so torch.compile traces through it, forward and backward ----
 
-@torch.library.custom_op('hgrn_vision::bihgru_scan_fwd', mutates_args=())
+def kernel_op(name: str, fake: Callable):
+    """Registers the decorated function, whose kernels it launches through `wrap_triton`, as the operator `name`.
+
+    On the GPU a `torch.library.triton_op`: torch.compile traces into it and launches its kernels from its own
+    generated code, without the function's Python, the custom op's dispatch and Triton's launcher on every call
+    (0.36 + 1.18 ms of host time per block and training step as a custom op, docs/performance.md). Triton's
+    interpreter runs kernels that cannot be traced: there a `torch.library.custom_op` with the fake `fake`."""
+    def register(fn):
+        if _INTERPRET:
+            op = torch.library.custom_op(name, fn, mutates_args=())
+            op.register_fake(fake)
+            return op
+        return torch.library.triton_op(name, fn, mutates_args=())
+    return register
+
+
+def _fwd_fake(u, z, gamma, theta_f, theta_r):
+    return u.new_empty(u.shape)
+
+
+@kernel_op('hgrn_vision::bihgru_scan_fwd', _fwd_fake)
 def _fwd_op(u: torch.Tensor, z: torch.Tensor, gamma: torch.Tensor, theta_f: torch.Tensor,
             theta_r: torch.Tensor) -> torch.Tensor:
     return bihgru_fwd(u, z, gamma, theta_f, theta_r)
 
 
-@_fwd_op.register_fake
-def _(u, z, gamma, theta_f, theta_r):
-    return u.new_empty(u.shape)
+def _bwd_fake(dout, u, z, gamma, theta_f, theta_r):
+    return u.new_empty(u.shape), z.new_empty(z.shape), torch.empty_like(gamma), torch.empty_like(theta_f), \
+        torch.empty_like(theta_r)
 
 
-@torch.library.custom_op('hgrn_vision::bihgru_scan_bwd', mutates_args=())
+@kernel_op('hgrn_vision::bihgru_scan_bwd', _bwd_fake)
 def _bwd_op(dout: torch.Tensor, u: torch.Tensor, z: torch.Tensor, gamma: torch.Tensor, theta_f: torch.Tensor,
             theta_r: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     return bihgru_bwd(dout, u, z, gamma, theta_f, theta_r)[:5]
-
-
-@_bwd_op.register_fake
-def _(dout, u, z, gamma, theta_f, theta_r):
-    return u.new_empty(u.shape), z.new_empty(z.shape), torch.empty_like(gamma), torch.empty_like(theta_f), \
-        torch.empty_like(theta_r)
 
 
 def _setup_context(ctx, inputs, output):

@@ -20,8 +20,9 @@ import torch
 import triton
 import triton.language as tl
 from torch import Tensor
+from torch.library import wrap_triton
 
-from .fused import _num_sms, _sigmoid, bihgru_bwd, bihgru_fwd, check_triton_device
+from .fused import _num_sms, _sigmoid, bihgru_bwd, bihgru_fwd, check_triton_device, kernel_op
 
 # (tokens per program tile, warps) of the forward, and (tokens per tile, warps, programs per SM) of the backward, whose
 # programs loop over tiles summing the weight and bias gradients of their tokens; the backward takes at least a warp per
@@ -37,10 +38,11 @@ BWD_CHANNELS_PER_WARP = 512
 
 @triton.jit
 def _normalize(h, m, D, eps):
-    """Rows of the (ROWS, BLOCK_D) tile h (masked by m) normalized over their D channels, and the rows' rstd."""
+    """Rows of the (ROWS, BLOCK_D) tile h (masked by m) normalized over their D channels, and the rows' rstd. eps is
+    cast: inductor launches a kernel with a Python float as fp64, which would make the result fp64."""
     mean = tl.sum(h, axis=1) / D
     hc = tl.where(m, h - mean[:, None], 0.)
-    rstd = 1. / tl.sqrt(tl.sum(hc * hc, axis=1) / D + eps)
+    rstd = 1. / tl.sqrt((tl.sum(hc * hc, axis=1) / D + eps).to(tl.float32))
     return hc * rstd[:, None], rstd
 
 
@@ -133,7 +135,7 @@ def norm_gate_fwd(h, x, weight, bias, eps):
     B, N, D = h.shape
     y = torch.empty_like(h)
     rows, warps = FWD_CFG
-    _norm_gate_fwd_kernel[(triton.cdiv(B * N, rows),)](
+    wrap_triton(_norm_gate_fwd_kernel)[(triton.cdiv(B * N, rows),)](
         h, x, weight, bias, y, B * N, N, D, h.stride(0), h.stride(1), x.stride(0), x.stride(1), x.shape[-1] - D,
         eps, BLOCK_D=triton.next_power_of_2(D), ROWS=rows, num_warps=warps)
     return y
@@ -151,7 +153,7 @@ def norm_gate_bwd(dy, h, x, weight, bias, eps, dx):
     n_tiles = triton.cdiv(B * N, rows)
     grid = min(n_tiles, programs_per_sm * _num_sms(h.device))
     part = torch.empty(grid, 3, D, device=h.device, dtype=torch.float32)
-    _norm_gate_bwd_kernel[(grid,)](
+    wrap_triton(_norm_gate_bwd_kernel)[(grid,)](
         dy, h, x, weight, bias, dh, dx, part, B * N, N, D, h.stride(0), h.stride(1), x.stride(0), x.stride(1),
         dy.stride(0), dy.stride(1), dx.stride(0), dx.stride(1), x.shape[-1] - D, eps, n_tiles,
         BLOCK_D=block_d, ROWS=rows, num_warps=warps)
@@ -161,7 +163,12 @@ def norm_gate_bwd(dy, h, x, weight, bias, eps, dx):
 
 # ---- the op: registered with torch.library so torch.compile traces through it, forward and backward ----
 
-@torch.library.custom_op('hgrn_vision::bihgru_norm_gate_fwd', mutates_args=())
+def _fwd_fake(x, gamma, theta_f, theta_r, weight, bias, eps, in_bias):
+    shape = (*x.shape[:-1], x.shape[-1] // 5 * 2)
+    return x.new_empty(shape), x.new_empty(shape)
+
+
+@kernel_op('hgrn_vision::bihgru_norm_gate_fwd', _fwd_fake)
 def _fwd_op(x: torch.Tensor, gamma: torch.Tensor, theta_f: torch.Tensor, theta_r: torch.Tensor,
             weight: torch.Tensor, bias: torch.Tensor, eps: float, in_bias: Optional[torch.Tensor]
             ) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -172,13 +179,12 @@ def _fwd_op(x: torch.Tensor, gamma: torch.Tensor, theta_f: torch.Tensor, theta_r
     return norm_gate_fwd(h, x, weight, bias, eps), h
 
 
-@_fwd_op.register_fake
-def _(x, gamma, theta_f, theta_r, weight, bias, eps, in_bias):
-    shape = (*x.shape[:-1], x.shape[-1] // 5 * 2)
-    return x.new_empty(shape), x.new_empty(shape)
+def _bwd_fake(dy, x, h, gamma, theta_f, theta_r, weight, bias, eps):
+    return (torch.empty_like(x), torch.empty_like(gamma), torch.empty_like(theta_f), torch.empty_like(theta_r),
+            torch.empty_like(weight), torch.empty_like(bias), x.new_empty(x.shape[-1], dtype=torch.float32))
 
 
-@torch.library.custom_op('hgrn_vision::bihgru_norm_gate_bwd', mutates_args=())
+@kernel_op('hgrn_vision::bihgru_norm_gate_bwd', _bwd_fake)
 def _bwd_op(dy: torch.Tensor, x: torch.Tensor, h: torch.Tensor, gamma: torch.Tensor, theta_f: torch.Tensor,
             theta_r: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float
             ) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
@@ -192,12 +198,6 @@ def _bwd_op(dy: torch.Tensor, x: torch.Tensor, h: torch.Tensor, gamma: torch.Ten
                                               du=dx[..., :2 * C], dz=dx[..., 2 * C:3 * C])
     dx_sum = torch.cat([sums[1:].t().flatten(), sums[0], dgs])  # sums rows: z, Re u, Im u; u is (re, im) pairs
     return dx, dgamma, dtf, dtr, dw, db, dx_sum
-
-
-@_bwd_op.register_fake
-def _(dy, x, h, gamma, theta_f, theta_r, weight, bias, eps):
-    return (torch.empty_like(x), torch.empty_like(gamma), torch.empty_like(theta_f), torch.empty_like(theta_r),
-            torch.empty_like(weight), torch.empty_like(bias), x.new_empty(x.shape[-1], dtype=torch.float32))
 
 
 def _setup_context(ctx, inputs, output):

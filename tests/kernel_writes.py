@@ -1,0 +1,71 @@
+"""Which tensor arguments each Triton kernel writes, as torch.compile's mutation analysis sees them (its TTIR walk,
+`identify_accessed_tensors`), printed one kernel a line. torch.compile clones whatever a kernel launched through
+`wrap_triton` writes, and refuses to write into a leaf that requires grad: the analysis must see the output buffers
+only. Needs Triton's compiler, not a GPU: a stand-in driver names sm_90 as the target. Run without TRITON_INTERPRET
+(`tests/test_kernel_writes.py` runs it in a subprocess)."""
+import inspect
+import sys
+
+import torch
+import triton.runtime.driver  # noqa: F401  (the module; `triton.runtime.driver` the attribute is its DriverConfig)
+from triton.backends.compiler import GPUTarget
+
+_DRIVER = sys.modules['triton.runtime.driver'].driver
+
+
+class _Sm90:
+    def get_current_target(self):
+        return GPUTarget('cuda', 90, 32)
+
+    def get_current_device(self):
+        return 0
+
+
+_DRIVER._default = _DRIVER._active = _Sm90()
+
+import torch._higher_order_ops.triton_kernel_wrap as tkw  # noqa: E402
+
+import hgrn_vision.ops.bihgru.fused as fz  # noqa: E402
+import hgrn_vision.ops.bihgru.norm_gate as ng  # noqa: E402
+
+
+def writes(kernel, args, constexprs):
+    kwargs = dict(zip(inspect.signature(kernel.fn).parameters, args), **constexprs)
+    accesses = tkw.identify_accessed_tensors(kernel, kwargs, {})
+    return sorted(d.name for d in accesses.read_writes.writes if isinstance(kwargs.get(d.name), torch.Tensor))
+
+
+def main():
+    B, N, C = 2, 64, 40
+    x = torch.randn(B, N, 5 * C, dtype=torch.bfloat16)
+    u, z = x[..., :2 * C], x[..., 2 * C:3 * C]
+    vec = [torch.rand(C) for _ in range(3)]
+    h, y, dy = (torch.randn(B, N, 2 * C, dtype=torch.bfloat16) for _ in range(3))
+    w, b = torch.ones(2 * C), torch.zeros(2 * C)
+    du, dz, dx = torch.empty_like(u), torch.empty_like(z), torch.empty_like(x)
+    summ, stash, part = torch.empty(B, 2, 16, C), torch.empty(B, N // 4, 5 * C), torch.empty(B, 2, 6, C)
+    ones = (1,) * 18
+    cases = {
+        '_bihgru_fwd_kernel': (fz._bihgru_fwd_kernel, (u, z, *vec, y, summ, stash, N, C, 2, 32, *ones[:11]),
+                               dict(BLOCK_C=32, UNROLL=4, SUMMARY=False)),
+        '_bihgru_fwd_kernel SUMMARY': (fz._bihgru_fwd_kernel, (u, z, *vec, y, summ, stash, N, C, 2, 32, *ones[:11]),
+                                       dict(BLOCK_C=32, UNROLL=4, SUMMARY=True)),
+        '_bihgru_fwd_onchip_kernel': (fz._bihgru_fwd_onchip_kernel, (u, z, *vec, y, N, C, *ones[:6]),
+                                      dict(BLOCK_C=16, T=8, W=8)),
+        '_bihgru_bwd_kernel': (fz._bihgru_bwd_kernel, (u, z, *vec, dy, du, dz, part, summ, stash, N, C, 2, 32, *ones),
+                               dict(BLOCK_C=32, UNROLL=4, SUMMARY=False)),
+        '_bihgru_bwd_kernel SUMMARY': (fz._bihgru_bwd_kernel,
+                                       (u, z, *vec, dy, du, dz, part, summ, stash, N, C, 2, 32, *ones),
+                                       dict(BLOCK_C=32, UNROLL=4, SUMMARY=True)),
+        '_norm_gate_fwd_kernel': (ng._norm_gate_fwd_kernel, (h, x, w, b, y, B * N, N, 2 * C, *ones[:4], 3 * C, 1e-5),
+                                  dict(BLOCK_D=128, ROWS=1)),
+        '_norm_gate_bwd_kernel': (ng._norm_gate_bwd_kernel,
+                                  (dy, h, x, w, b, y, dx, part, B * N, N, 2 * C, *ones[:8], 3 * C, 1e-5, 8),
+                                  dict(BLOCK_D=128, ROWS=2)),
+    }
+    for name, (kernel, args, constexprs) in cases.items():
+        print(f"{name}: {' '.join(writes(kernel, args, constexprs))}")
+
+
+if __name__ == '__main__':
+    main()

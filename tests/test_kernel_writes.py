@@ -1,0 +1,27 @@
+"""torch.compile's mutation analysis sees each Triton kernel write its output buffers and nothing else (on the GPU
+the ops are triton_ops whose kernels torch.compile launches itself: a kernel seen writing an input would make it
+clone that input, or refuse a parameter). The analysis compiles the kernels for sm_90 on the CPU, outside the
+interpreter, so it runs in a subprocess (`tests/kernel_writes.py`)."""
+import os
+import subprocess
+import sys
+
+EXPECTED = {
+    '_bihgru_fwd_kernel': 'out_ptr scr_ptr',
+    '_bihgru_fwd_kernel SUMMARY': 'sum_ptr',
+    '_bihgru_fwd_onchip_kernel': 'out_ptr',
+    '_bihgru_bwd_kernel': 'du_ptr dz_ptr part_ptr scr_ptr',
+    '_bihgru_bwd_kernel SUMMARY': 'sum_ptr',
+    '_norm_gate_fwd_kernel': 'y_ptr',
+    '_norm_gate_bwd_kernel': 'dh_ptr dx_ptr part_ptr',
+}
+
+
+def test_kernels_write_only_their_outputs():
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = {**os.environ, 'TRITON_INTERPRET': '0', 'PYTHONPATH': root}  # this tree's hgrn_vision, not an installed one
+    out = subprocess.run([sys.executable, os.path.join(root, 'tests', 'kernel_writes.py')], env=env, cwd=root,
+                         capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    seen = dict(line.split(': ', 1) for line in out.stdout.splitlines())
+    assert seen == EXPECTED, (seen, out.stderr[-3000:])
