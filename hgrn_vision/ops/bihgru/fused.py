@@ -363,15 +363,17 @@ def _step(hr_, hi_, lam, vr, vi, c, s):
 @triton.jit
 def _bihgru_bwd_kernel(
         u_ptr, z_ptr, gamma_ptr, tf_ptr, tr_ptr, do_ptr, du_ptr, dz_ptr, part_ptr, sum_ptr, scr_ptr,
-        N, C, n_chunks, chunk_len,
+        N, C, n_chunks, chunk_len, dz_col,
         s_ub, s_un, s_zb, s_zn, s_db, s_dn, s_gb, s_gn, s_hb, s_hn, s_sb, s_sk, s_ss, s_pb, s_pk, s_ps, s_xb, s_xn,
-        BLOCK_C: tl.constexpr, UNROLL: tl.constexpr, SUMMARY: tl.constexpr,
+        BLOCK_C: tl.constexpr, UNROLL: tl.constexpr, SUMMARY: tl.constexpr, DZ_IN_DU: tl.constexpr,
 ):
     """Backward, token by token. A forward sweep runs hf and the reverse adjoint dr and stashes their values entering
     each group of 4 rows; a reverse sweep recomputes them inside each group and runs hr and the forward adjoint df
     to form the gradients.
 
-    SUMMARY: write the chunk's maps of the four recurrences (hf, hr, df, dr) instead.
+    SUMMARY: write the chunk's maps of the four recurrences (hf, hr, df, dr) instead. DZ_IN_DU: dz goes to columns
+    `dz_col` on of du's buffer (dz_ptr unused), so that a caller's one gradient buffer is passed whole: torch.compile
+    copies a view that a kernel writes back into its base.
     """
     b, k = tl.program_id(1).to(tl.int64), tl.program_id(2)
     cs = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
@@ -477,7 +479,11 @@ def _bihgru_bwd_kernel(
             hr_, hi_, fr, fi, lam_next, dgam, dthf, dthr = st
             ts = g + ridx
             mt = (ts < t1)[:, None] & cmask[None, :]
-            tl.store(dz_ptr + b * s_hb + ts[:, None] * s_hn + cl[None, :], dz_t.to(dz_ptr.dtype.element_ty), mask=mt)
+            if DZ_IN_DU:
+                dzb = du_ptr + dz_col + b * s_hb
+            else:
+                dzb = dz_ptr + b * s_hb
+            tl.store(dzb + ts[:, None] * s_hn + cl[None, :], dz_t.to(du_ptr.dtype.element_ty), mask=mt)
             dub = du_ptr + b * s_gb + ts[:, None] * s_gn + 2 * cl[None, :]
             tl.store(dub, dur_t.to(du_ptr.dtype.element_ty), mask=mt)
             tl.store(dub + 1, dui_t.to(du_ptr.dtype.element_ty), mask=mt)
@@ -596,26 +602,31 @@ def bihgru_fwd(u, z, gamma, theta_f, theta_r) -> torch.Tensor:
     return out
 
 
-def bihgru_bwd(dout, u, z, gamma, theta_f, theta_r, du=None, dz=None):
+def bihgru_bwd(dout, u, z, gamma, theta_f, theta_r, dx=None):
     """Backward of the fused kernel: grads of u, z, gamma, theta_f, theta_r, then the sums of the grads of z, Re u
-    and Im u over batch and tokens (fp32 (3, C): the gradient of a bias added into them). The grads of u and z are
-    written into `du` and `dz` when given (views with unit channel stride, e.g. slices of one gradient buffer), else
-    into new tensors."""
+    and Im u over batch and tokens (fp32 (3, C): the gradient of a bias added into them). With `dx`, a (B, N, >= 3C)
+    buffer with unit channel stride, the grads of u and z are written into its columns [0, 2C) and [2C, 3C) (and
+    returned as those views), else into new tensors."""
     u, z, dout = (t if t.stride(-1) == 1 else t.contiguous() for t in (u, z, dout))
     B, N, C = z.shape
-    du = torch.empty(u.shape, device=u.device, dtype=u.dtype) if du is None else du
-    dz = torch.empty(z.shape, device=z.device, dtype=z.dtype) if dz is None else dz
+    if dx is None:
+        du = torch.empty(u.shape, device=u.device, dtype=u.dtype)
+        dz = torch.empty(z.shape, device=z.device, dtype=z.dtype)
+        dz_arg, dz_strides = dz, dz.stride()[:2]
+    else:
+        du, dz = dx[..., :2 * C], dx[..., 2 * C:3 * C]
+        dz_arg, dz_strides = None, dx.stride()[:2]
     cfg = BWD_CFG[u.element_size()]  # (BLOCK_C, warps, programs per SM)
     n_cblocks, n_chunks, chunk_len = _chunks(B, N, C, u.device, cfg)
     part = torch.empty(B, n_chunks, 6, C, device=u.device, dtype=torch.float32)
     summ = torch.empty(B, n_chunks, 16, C, device=u.device, dtype=torch.float32) if n_chunks > 1 else part
     stash = torch.empty(B, triton.cdiv(N, GROUP), 5 * C, device=u.device, dtype=torch.float32)
     grid = (n_cblocks, B, n_chunks)
-    args = (u, z, gamma, theta_f, theta_r, dout, du, dz, part, summ, stash, N, C, n_chunks, chunk_len,
-            u.stride(0), u.stride(1), z.stride(0), z.stride(1), dout.stride(0), dout.stride(1),
-            du.stride(0), du.stride(1), dz.stride(0), dz.stride(1), *_sum_strides(summ, n_chunks),
+    args = (u, z, gamma, theta_f, theta_r, dout, du if dx is None else dx, dz_arg, part, summ, stash, N, C, n_chunks,
+            chunk_len, 2 * C, u.stride(0), u.stride(1), z.stride(0), z.stride(1), dout.stride(0), dout.stride(1),
+            du.stride(0), du.stride(1), *dz_strides, *_sum_strides(summ, n_chunks),
             *part.stride()[:3], stash.stride(0), stash.stride(1))
-    meta = dict(BLOCK_C=cfg[0], UNROLL=GROUP, num_warps=cfg[1])
+    meta = dict(BLOCK_C=cfg[0], UNROLL=GROUP, num_warps=cfg[1], DZ_IN_DU=dx is not None)
     if n_chunks > 1:
         wrap_triton(_bihgru_bwd_kernel)[grid](*args, SUMMARY=True, **meta)
     wrap_triton(_bihgru_bwd_kernel)[grid](*args, SUMMARY=False, **meta)

@@ -195,7 +195,7 @@ def _bwd_op(dy: torch.Tensor, x: torch.Tensor, h: torch.Tensor, gamma: torch.Ten
     dx = torch.empty(x.shape, device=x.device, dtype=x.dtype)
     dh, dw, db, dgs = norm_gate_bwd(dy, h, x, weight, bias, eps, dx)
     _, _, dgamma, dtf, dtr, sums = bihgru_bwd(dh, x[..., :2 * C], x[..., 2 * C:3 * C], gamma, theta_f, theta_r,
-                                              du=dx[..., :2 * C], dz=dx[..., 2 * C:3 * C])
+                                              dx=dx)
     dx_sum = torch.cat([sums[1:].t().flatten(), sums[0], dgs])  # sums rows: z, Re u, Im u; u is (re, im) pairs
     return dx, dgamma, dtf, dtr, dw, db, dx_sum
 
