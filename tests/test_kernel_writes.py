@@ -1,8 +1,9 @@
 """torch.compile's mutation analysis sees each Triton kernel write its output buffers and nothing else, and the fused
 op's compiled forward and backward copy no buffer after inductor's reinplacing (on the GPU the ops are triton_ops
 whose kernels torch.compile launches itself: a kernel seen writing an input would make it clone that input, or refuse
-a parameter; a kernel writing views of a buffer made it clone the views and scatter them back into the buffer). The analysis compiles the kernels for sm_90 on the CPU, outside the interpreter, so it runs in a
-subprocess (`tests/kernel_writes.py`)."""
+a parameter; a kernel writing views of a buffer made it clone the views and scatter them back into the buffer). The
+analysis compiles the kernels for sm_90 on the CPU, outside the interpreter, so it runs in a subprocess
+(`tests/kernel_writes.py`)."""
 import os
 import subprocess
 import sys
