@@ -47,7 +47,7 @@ def main():
     du, dz, dx = torch.empty_like(u), torch.empty_like(z), torch.empty_like(x)
     summ, stash, part = torch.empty(B, 2, 16, C), torch.empty(B, N // 4, 5 * C), torch.empty(B, 2, 6, C)
     ones = (1,) * 18
-    bwd_rest = (part, summ, stash, N, C, 2, 32, 2 * C, *ones)  # after dz: buffers, sizes, dz_col, strides
+    bwd_rest = (part, summ, stash, N, C, 2, 32, *ones)  # after dz: buffers, sizes, strides
     cases = {
         '_bihgru_fwd_kernel': (fz._bihgru_fwd_kernel, (u, z, *vec, y, summ, stash, N, C, 2, 32, *ones[:11]),
                                dict(BLOCK_C=32, UNROLL=4, SUMMARY=False)),

@@ -363,7 +363,7 @@ def _step(hr_, hi_, lam, vr, vi, c, s):
 @triton.jit
 def _bihgru_bwd_kernel(
         u_ptr, z_ptr, gamma_ptr, tf_ptr, tr_ptr, do_ptr, du_ptr, dz_ptr, part_ptr, sum_ptr, scr_ptr,
-        N, C, n_chunks, chunk_len, dz_col,
+        N, C, n_chunks, chunk_len,
         s_ub, s_un, s_zb, s_zn, s_db, s_dn, s_gb, s_gn, s_hb, s_hn, s_sb, s_sk, s_ss, s_pb, s_pk, s_ps, s_xb, s_xn,
         BLOCK_C: tl.constexpr, UNROLL: tl.constexpr, SUMMARY: tl.constexpr, DZ_IN_DU: tl.constexpr,
 ):
@@ -371,9 +371,9 @@ def _bihgru_bwd_kernel(
     each group of 4 rows; a reverse sweep recomputes them inside each group and runs hr and the forward adjoint df
     to form the gradients.
 
-    SUMMARY: write the chunk's maps of the four recurrences (hf, hr, df, dr) instead. DZ_IN_DU: dz goes to columns
-    `dz_col` on of du's buffer (dz_ptr unused), so that a caller's one gradient buffer is passed whole: torch.compile
-    copies a view that a kernel writes back into its base.
+    SUMMARY: write the chunk's maps of the four recurrences (hf, hr, df, dr) instead. DZ_IN_DU: du_ptr is one
+    gradient buffer whose rows hold du in columns [0, 2C) and dz in [2C, 3C) (dz_ptr unused), passed whole because
+    torch.compile copies a view that a kernel writes and scatters it back into its base.
     """
     b, k = tl.program_id(1).to(tl.int64), tl.program_id(2)
     cs = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
@@ -480,7 +480,7 @@ def _bihgru_bwd_kernel(
             ts = g + ridx
             mt = (ts < t1)[:, None] & cmask[None, :]
             if DZ_IN_DU:
-                dzb = du_ptr + dz_col + b * s_hb
+                dzb = du_ptr + 2 * C + b * s_hb
             else:
                 dzb = dz_ptr + b * s_hb
             tl.store(dzb + ts[:, None] * s_hn + cl[None, :], dz_t.to(du_ptr.dtype.element_ty), mask=mt)
@@ -612,19 +612,19 @@ def bihgru_bwd(dout, u, z, gamma, theta_f, theta_r, dx=None):
     if dx is None:
         du = torch.empty(u.shape, device=u.device, dtype=u.dtype)
         dz = torch.empty(z.shape, device=z.device, dtype=z.dtype)
-        dz_arg, dz_strides = dz, dz.stride()[:2]
-    else:
+        du_arg, dz_arg = du, dz
+    else:  # the kernel writes into dx itself; the views give the strides
         du, dz = dx[..., :2 * C], dx[..., 2 * C:3 * C]
-        dz_arg, dz_strides = None, dx.stride()[:2]
+        du_arg, dz_arg = dx, None
     cfg = BWD_CFG[u.element_size()]  # (BLOCK_C, warps, programs per SM)
     n_cblocks, n_chunks, chunk_len = _chunks(B, N, C, u.device, cfg)
     part = torch.empty(B, n_chunks, 6, C, device=u.device, dtype=torch.float32)
     summ = torch.empty(B, n_chunks, 16, C, device=u.device, dtype=torch.float32) if n_chunks > 1 else part
     stash = torch.empty(B, triton.cdiv(N, GROUP), 5 * C, device=u.device, dtype=torch.float32)
     grid = (n_cblocks, B, n_chunks)
-    args = (u, z, gamma, theta_f, theta_r, dout, du if dx is None else dx, dz_arg, part, summ, stash, N, C, n_chunks,
-            chunk_len, 2 * C, u.stride(0), u.stride(1), z.stride(0), z.stride(1), dout.stride(0), dout.stride(1),
-            du.stride(0), du.stride(1), *dz_strides, *_sum_strides(summ, n_chunks),
+    args = (u, z, gamma, theta_f, theta_r, dout, du_arg, dz_arg, part, summ, stash, N, C, n_chunks, chunk_len,
+            u.stride(0), u.stride(1), z.stride(0), z.stride(1), dout.stride(0), dout.stride(1),
+            du.stride(0), du.stride(1), dz.stride(0), dz.stride(1), *_sum_strides(summ, n_chunks),
             *part.stride()[:3], stash.stride(0), stash.stride(1))
     meta = dict(BLOCK_C=cfg[0], UNROLL=GROUP, num_warps=cfg[1], DZ_IN_DU=dx is not None)
     if n_chunks > 1:
