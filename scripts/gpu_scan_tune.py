@@ -24,6 +24,7 @@ import triton.testing
 import hgrn_vision.ops.bihgru.fused as fz
 import hgrn_vision.ops.bihgru.norm_gate as ng
 from hgrn_vision.benchmark import cast_scan_inputs, float64_reference, make_scan_inputs, measure_copy_bandwidth, rel_err
+from hgrn_vision.benchmark.utils import host_and_wall
 from hgrn_vision.ops import bihgru_scan, bihgru_scan_norm_gate
 
 SHAPES = [(256, 256, 192), (256, 256, 384), (64, 1024, 384), (16, 5329, 384), (1, 256, 192)]
@@ -187,23 +188,6 @@ def tune(bw):
         _time_cfgs('BWD_CFG', shape, lambda x, do: fz.bihgru_bwd(do, *x), 8)
 
 
-def _host_us(fn, n=200):
-    """Host wall time per call of `fn` over n calls without a sync, then the same with one sync at the end."""
-    for _ in range(5):
-        fn()
-    torch.cuda.synchronize()
-    t = time.perf_counter()
-    for _ in range(n):
-        fn()
-    host = (time.perf_counter() - t) / n * 1e6
-    torch.cuda.synchronize()
-    t = time.perf_counter()
-    for _ in range(n):
-        fn()
-    torch.cuda.synchronize()
-    return host, (time.perf_counter() - t) / n * 1e6
-
-
 def host_overhead(shapes=((1, 256, 192), (256, 256, 384))):
     """What the op's Python paths cost the host per call (bf16): pieces of `bihgru_fwd` / `bihgru_bwd`, the kernels'
     wrappers, the custom ops and a backward through autograd. Where host > the GPU's time, the host bounds it."""
@@ -224,7 +208,7 @@ def host_overhead(shapes=((1, 256, 192), (256, 256, 384))):
             'autograd.grad': lambda: torch.autograd.grad(out, xg, do, retain_graph=True),
         }
         for name, fn in cases.items():
-            h, w = _host_us(fn)
+            h, w = (1e6 * t for t in host_and_wall(fn, 200))
             print(f'{str(shape):>16} {name:>22}: host {h:8.1f} us/call, synced wall {w:8.1f} us/call')
 
 

@@ -6,24 +6,17 @@ AdamW, batch 256 at 224, default torch.compile.
     PYTHONPATH=. python scripts/host_profile.py hgrn_deit_tiny deit_tiny_patch16_224
 """
 import sys
-import time
 
 import torch
 from step_probe import train_step  # scripts/ is on sys.path when run as a script
 from torch.profiler import ProfilerActivity, profile
 
+from hgrn_vision.benchmark.utils import host_and_wall
+
 
 def host_profile(name: str, steps: int = 10) -> None:
     step = train_step(name)
-    for _ in range(5):
-        step()
-    torch.cuda.synchronize()
-    t = time.perf_counter()
-    for _ in range(steps):
-        step()
-    enqueue = (time.perf_counter() - t) / steps
-    torch.cuda.synchronize()
-    wall = (time.perf_counter() - t) / steps
+    enqueue, wall = host_and_wall(step, steps)
     print(f'{name}: enqueue {enqueue * 1e3:.2f} ms/step, wall {wall * 1e3:.2f} ms/step ({steps} steps, no sync '
           'between)')
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:

@@ -12,7 +12,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 import torch
 
 __all__ = [
-    'Column', 'OOM_ERRORS', 'time_fn', 'measure_copy_bandwidth', 'measure_matmul_peak', 'environment',
+    'Column', 'OOM_ERRORS', 'host_and_wall', 'time_fn', 'measure_copy_bandwidth', 'measure_matmul_peak', 'environment',
     'free_memory', 'release_memory', 'format_table', 'write_csv', 'write_json', 'parse_dtype',
 ]
 
@@ -66,6 +66,21 @@ def on_graph_stream(fn: Callable[[], Any], device: torch.device) -> Any:
         out = fn()
     torch.cuda.current_stream(device).wait_stream(side)
     return out
+
+
+def host_and_wall(fn: Callable[[], Any], n: int, warmup: int = 5) -> Tuple[float, float]:
+    """Seconds per call of `fn` (CUDA) over `n` calls issued back to back after `warmup` and a sync: the host's time
+    to enqueue them (no sync between), and the wall time of the same calls to one sync at the end. Equal when the
+    host bounds the calls."""
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize()
+    t = time.perf_counter()
+    for _ in range(n):
+        fn()
+    host = (time.perf_counter() - t) / n
+    torch.cuda.synchronize()
+    return host, (time.perf_counter() - t) / n
 
 
 def time_fn(
