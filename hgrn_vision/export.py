@@ -41,6 +41,8 @@ from hgrn_vision.train.checkpoint import (
     fit_state_dict,
     load_checkpoint_file,
     model_state_from_checkpoint,
+    saved_train_args,
+    trained_model_name,
 )
 from hgrn_vision.train.trainer import create_train_model
 
@@ -101,7 +103,7 @@ def _trained_model_flags(ckpt: Dict[str, Any], saved: Dict[str, Any]) -> Dict[st
     """What a train.py checkpoint's saved args say for each of `_MODEL_FLAGS`."""
     input_size = saved.get('input_size')
     return dict(
-        model=saved.get('model') or ckpt.get('arch'),
+        model=trained_model_name(ckpt),
         model_kwargs=saved.get('model_kwargs') or {},
         num_classes=saved.get('num_classes'),
         in_chans=saved.get('in_chans'),
@@ -125,7 +127,7 @@ def load_export_model(
         (model, model_args: the create_model kwargs that rebuild it, info: checkpoint facts for the model card).
     """
     ckpt = load_checkpoint_file(checkpoint)
-    saved = ckpt['args'] if isinstance(ckpt.get('args'), dict) else {}
+    saved = saved_train_args(ckpt)
     given = {k: v for k, v in model_flags.items() if v is not None}
     flags = given
     if saved:

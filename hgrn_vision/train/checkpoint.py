@@ -22,7 +22,8 @@ from timm.utils import CheckpointSaver, get_state_dict, unwrap_model
 from .args import UserError
 
 __all__ = ['AtomicCheckpointSaver', 'atomic_save', 'get_rng_state', 'set_rng_state', 'load_checkpoint_file',
-           'resume_training_state', 'load_finetune_checkpoint', 'model_state_from_checkpoint']
+           'resume_training_state', 'load_finetune_checkpoint', 'model_state_from_checkpoint', 'saved_train_args',
+           'trained_model_name']
 
 _logger = logging.getLogger(__name__)
 
@@ -145,6 +146,16 @@ def load_checkpoint_file(path: str) -> Dict[str, Any]:
 
 
 EMA_KEYS = ('state_dict_ema', 'model_ema')  # where a checkpoint keeps EMA weights (ours, then timm's older name)
+
+
+def saved_train_args(ckpt: Dict[str, Any]) -> Dict[str, Any]:
+    """The train.py args a checkpoint saved; {} for a bare state dict."""
+    return ckpt['args'] if isinstance(ckpt.get('args'), dict) else {}
+
+
+def trained_model_name(ckpt: Dict[str, Any]) -> Any:
+    """The model a checkpoint was trained as: its saved args' `model`, else timm's `arch` (None if neither)."""
+    return saved_train_args(ckpt).get('model') or ckpt.get('arch')
 
 
 def model_state_from_checkpoint(ckpt: Dict[str, Any], use_ema: bool = False) -> Tuple[Dict[str, Any], str]:

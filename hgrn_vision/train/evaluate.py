@@ -15,7 +15,15 @@ import torch.nn as nn
 from timm.data import resolve_data_config
 
 from .args import UserError, parse_args, validate_parser
-from .checkpoint import EMA_KEYS, _load_strict, fit_state_dict, load_checkpoint_file, model_state_from_checkpoint
+from .checkpoint import (
+    EMA_KEYS,
+    _load_strict,
+    fit_state_dict,
+    load_checkpoint_file,
+    model_state_from_checkpoint,
+    saved_train_args,
+    trained_model_name,
+)
 from .data import build_dataset, create_eval_loader, dataset_classes
 from .engine import evaluate
 from .trainer import create_train_model, setup_device
@@ -35,9 +43,9 @@ def validate(args: argparse.Namespace) -> Dict[str, Any]:
     ckpt: Optional[Dict[str, Any]] = None
     if args.checkpoint:
         ckpt = load_checkpoint_file(args.checkpoint)
-        saved = ckpt.get('args') if isinstance(ckpt.get('args'), dict) else {}
+        saved = saved_train_args(ckpt)
         defaults = validate_parser().parse_args([])
-        _check_model_agrees(args, defaults, saved.get('model') or ckpt.get('arch'), saved.get('model_kwargs'))
+        _check_model_agrees(args, defaults, trained_model_name(ckpt), saved.get('model_kwargs'))
         for key in _FROM_CHECKPOINT:
             if key in saved and getattr(args, key) == getattr(defaults, key):
                 setattr(args, key, saved[key])
