@@ -29,6 +29,8 @@ import torch._higher_order_ops.triton_kernel_wrap as tkw  # noqa: E402
 
 import hgrn_vision.ops.bihgru.fused as fz  # noqa: E402
 import hgrn_vision.ops.bihgru.norm_gate as ng  # noqa: E402
+import hgrn_vision.ops.glu as glu  # noqa: E402
+import hgrn_vision.ops.norm_linear as nl  # noqa: E402
 
 
 def writes(kernel, args, constexprs):
@@ -42,7 +44,7 @@ def main():
     x = torch.randn(B, N, 5 * C, dtype=torch.bfloat16)
     u, z = x[..., :2 * C], x[..., 2 * C:3 * C]
     vec = [torch.rand(C) for _ in range(3)]
-    h, y, dy = (torch.randn(B, N, 2 * C, dtype=torch.bfloat16) for _ in range(3))
+    h, y, dy, h2 = (torch.randn(B, N, 2 * C, dtype=torch.bfloat16) for _ in range(4))
     w, b = torch.ones(2 * C), torch.zeros(2 * C)
     du, dz, dx = torch.empty_like(u), torch.empty_like(z), torch.empty_like(x)
     summ, stash, part = torch.empty(B, 2, 16, C), torch.empty(B, N // 4, 5 * C), torch.empty(B, 2, 6, C)
@@ -64,8 +66,16 @@ def main():
         '_norm_gate_fwd_kernel': (ng._norm_gate_fwd_kernel, (h, x, w, b, y, B * N, N, 2 * C, *ones[:4], 3 * C, 1e-5),
                                   dict(BLOCK_D=128, ROWS=1)),
         '_norm_gate_bwd_kernel': (ng._norm_gate_bwd_kernel,
-                                  (dy, h, x, w, b, y, dx, part, B * N, N, 2 * C, *ones[:8], 3 * C, 1e-5, 8),
-                                  dict(BLOCK_D=128, ROWS=2)),
+                                  (dy, h, x, w, b, y, dx, part, None, B * N, N, 2 * C, *ones[:8], 3 * C, 1e-5, 8),
+                                  dict(BLOCK_D=128, ROWS=2, WRITE_Y=False)),
+        '_norm_gate_bwd_kernel WRITE_Y': (ng._norm_gate_bwd_kernel,
+                                          (dy, h, x, w, b, y, dx, part, h2, B * N, N, 2 * C, *ones[:8], 3 * C, 1e-5,
+                                           8), dict(BLOCK_D=128, ROWS=2, WRITE_Y=True)),
+        '_silu_glu_bwd_kernel': (glu._silu_glu_bwd_kernel, (h, dy[..., :C], h2, y[..., :C], part, B * N, C, 8),
+                                 dict(ROWS=8, BLOCK_H=64)),
+        '_layer_norm_bwd_kernel': (nl._layer_norm_bwd_kernel,
+                                   (h, dy, vec[0], vec[1], w, b, h2, y, part, B * N, 2 * C, 8),
+                                   dict(BLOCK_D=128, ROWS=2)),
     }
     for name, (kernel, args, constexprs) in cases.items():
         print(f"{name}: {' '.join(writes(kernel, args, constexprs))}")
@@ -101,7 +111,7 @@ def compiled_copies():
     args = [torch.randn(B, N, 5 * C, dtype=torch.bfloat16), *(torch.rand(C) for _ in range(3)), torch.ones(2 * C),
             torch.zeros(2 * C), torch.zeros(5 * C)]
     args = [a.requires_grad_() for a in args]
-    fn = torch.compile(lambda x, *rest: ng._fwd_op(x, *rest[:5], 1e-5, rest[5])[0], fullgraph=True,
+    fn = torch.compile(lambda x, *rest: ng._fwd_op(x, *rest[:5], 1e-5, rest[5], None, None)[0], fullgraph=True,
                        backend=aot_autograd(fw_compiler=report('forward'), bw_compiler=report('backward')))
     fn(*args).float().sum().backward()
 

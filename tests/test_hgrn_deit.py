@@ -50,8 +50,9 @@ def test_blocks_receive_their_lower_bound(monkeypatch):
     model = HgrnDeit(embed_dim=8, depth=3, num_classes=0).eval()
     seen = []
     for i, blk in enumerate(model.blocks):
-        orig = blk.mixer.forward
-        monkeypatch.setattr(blk.mixer, 'forward', lambda x, lb, orig=orig: (seen.append(lb), orig(x, lb))[1])
+        orig = blk.mixer.forward_projected  # the block calls the mixer after its own projection
+        monkeypatch.setattr(blk.mixer, 'forward_projected',
+                            lambda x, in_bias, lb, orig=orig: (seen.append(lb), orig(x, in_bias, lb))[1])
     model(torch.randn(1, 3, 28, 28))
     torch.testing.assert_close(torch.stack(seen), model.lower_bound_schedule())
 

@@ -17,6 +17,9 @@ EXPECTED = {
     '_bihgru_bwd_kernel DZ_IN_DU': 'du_ptr part_ptr scr_ptr',
     '_norm_gate_fwd_kernel': 'y_ptr',
     '_norm_gate_bwd_kernel': 'dh_ptr dx_ptr part_ptr',
+    '_norm_gate_bwd_kernel WRITE_Y': 'dh_ptr dx_ptr part_ptr y_ptr',
+    '_silu_glu_bwd_kernel': 'dx_ptr p_ptr part_ptr',
+    '_layer_norm_bwd_kernel': 'dx_ptr part_ptr y_ptr',
     'forward graph copies': '-',
     'backward graph copies': '-',
 }

@@ -159,24 +159,26 @@ def _norm_gate_inputs(B, N, C, dtype, seed=0):
     return [torch.cat([u, z, g], -1).to(dtype), gamma, tf, tr, weight, bias]
 
 
-def _norm_gate_errors(inputs, dy_view=False, in_bias=True):
+def _norm_gate_errors(inputs, dy_view=False, in_bias=True, out_proj=()):
     """Relative errors of the fused op's output and gradients against float64 composed from the reference scan. With
-    `in_bias` an fp32 bias (5C,) is passed as the mixer passes in_proj's (added detached in x): its gradient, the last,
-    must be x's summed over batch and tokens."""
-    if in_bias:
-        inputs = [*inputs, torch.randn(inputs[0].shape[-1], generator=torch.Generator().manual_seed(2))]
-    inputs = [t.detach().requires_grad_(True) for t in inputs]
-    shape = (*inputs[0].shape[:-1], inputs[0].shape[-1] // 5 * 2)
+    `in_bias` an fp32 bias (5C,) is passed as the mixer passes in_proj's (added detached in x): its gradient must be
+    x's summed over batch and tokens. `out_proj`: 'weight' or 'weight', 'bias' of an output projection to 3 channels,
+    in x's dtype, taken into the op (their gradients come last)."""
+    x = inputs[0]
+    gen = torch.Generator().manual_seed(2)
+    extra = {'in_bias': torch.randn(x.shape[-1], generator=gen)} if in_bias else {}
+    sizes = {'weight': (3, x.shape[-1] // 5 * 2), 'bias': (3,)}
+    extra.update({f'out_{k}': torch.randn(sizes[k], generator=gen).to(x.dtype) for k in out_proj})
+    inputs = [t.detach().requires_grad_(True) for t in [*inputs, *extra.values()]]
+    shape = (*x.shape[:-1], 3 if out_proj else x.shape[-1] // 5 * 2)
     gen = torch.Generator().manual_seed(1)
-    dy = torch.randn(shape, generator=gen).to(inputs[0].dtype)
+    dy = torch.randn(shape, generator=gen).to(x.dtype)
     if dy_view:  # a non-contiguous gradient
-        dy = torch.randn(*shape[:-1], 2 * shape[-1], generator=gen).to(inputs[0].dtype)[..., ::2]
-    names = ('out', 'dx', 'dgamma', 'dtheta_f', 'dtheta_r', 'dweight', 'dbias', 'din_bias')
+        dy = torch.randn(*shape[:-1], 2 * shape[-1], generator=gen).to(x.dtype)[..., ::2]
+    names = ('out', 'dx', 'dgamma', 'dtheta_f', 'dtheta_r', 'dweight', 'dbias', *(f'd{k}' for k in extra))
 
     def op(impl):
-        if in_bias:
-            return lambda *a: bihgru_scan_norm_gate(*a[:-1], eps=1e-5, in_bias=a[-1], impl=impl)
-        return lambda *a: bihgru_scan_norm_gate(*a, eps=1e-5, impl=impl)
+        return lambda *a: bihgru_scan_norm_gate(*a[:6], eps=1e-5, impl=impl, **dict(zip(extra, a[6:])))
     return _grad_errors(op('triton'), op('reference'), inputs, dy, names)
 
 
@@ -196,6 +198,15 @@ def test_triton_norm_gate_half_inputs(dtype):
     assert all(e < 2 * BOUND[dtype] for e in errs.values()), errs
 
 
+@pytest.mark.parametrize('dtype,out_proj', [(torch.float32, ('weight', 'bias')), (torch.bfloat16, ('weight',))])
+def test_triton_norm_gate_out_proj(dtype, out_proj):
+    """The op with the output projection inside (its backward writes y again for the projection's weight
+    gradient), with and without the projection's bias."""
+    errs = _norm_gate_errors(_norm_gate_inputs(2, 7, 5, dtype, seed=3), out_proj=out_proj)
+    assert set(errs) >= {f'dout_{k}' for k in out_proj}
+    assert all(e < (1e-5 if dtype == torch.float32 else 2 * BOUND[dtype]) for e in errs.values()), errs
+
+
 def test_triton_norm_gate_views_and_tiles(monkeypatch):
     """x as a strided view (rows of a wider tensor), dy non-contiguous, and several tiles per backward program."""
     monkeypatch.setattr(norm_gate, 'FWD_CFG', (1, 1))
@@ -206,19 +217,23 @@ def test_triton_norm_gate_views_and_tiles(monkeypatch):
     assert all(e < 1e-5 for e in errs.values()), errs
 
 
-def test_triton_model_gradients_match_torch_path():
-    """A model whose mixers run the fused op (in_proj's bias added detached, its gradient from the kernels' sums)
-    gives the outputs and parameter gradients of the same model on the PyTorch scan."""
+@pytest.mark.parametrize('low_memory', [False, True])
+def test_triton_model_gradients_match_torch_path(low_memory):
+    """A model whose mixers run the fused op (in_proj's bias added detached, its gradient from the kernels' sums),
+    and with `low_memory` the norms, out_proj and the MLPs too, gives the outputs and parameter gradients of the
+    same model on the PyTorch paths."""
     import timm
 
     import hgrn_vision  # noqa: F401  (registers the models)
     torch.manual_seed(0)
-    model = timm.create_model('hgrn_deit_tiny', depth=2, patch_size=7, num_classes=3, in_chans=1, scan_impl='triton')
+    model = timm.create_model('hgrn_deit_tiny', depth=2, patch_size=7, num_classes=3, in_chans=1, scan_impl='triton',
+                              low_memory=low_memory)
     x = torch.randn(2, 1, 28, 21)
     grads = {}
     for impl in ('triton', 'torch'):
         for blk in model.blocks:
             blk.mixer.scan_impl = impl
+            blk.mlp.impl = impl if low_memory else 'torch'
         model.zero_grad()
         out = model(x)
         out.square().sum().backward()
@@ -247,3 +262,7 @@ def test_norm_gate_input_errors():
         bihgru_scan_norm_gate(x, gamma, tf, tr, weight[:3], bias)
     with pytest.raises(ValueError, match=r'in_bias of shape \(5C,\) = \(10,\)'):
         bihgru_scan_norm_gate(x, gamma, tf, tr, weight, bias, in_bias=weight)
+    with pytest.raises(ValueError, match=r'out_weight of shape \(C_out, 2C\) = \(C_out, 4\)'):
+        bihgru_scan_norm_gate(x, gamma, tf, tr, weight, bias, out_weight=torch.ones(3, 5))
+    with pytest.raises(ValueError, match='out_bias without out_weight'):
+        bihgru_scan_norm_gate(x, gamma, tf, tr, weight, bias, out_bias=bias)

@@ -1,3 +1,5 @@
 """Layers reusable beside the models."""
 from .hgru import HgruMixer, hgru_theta_init
+from .mlp import SiluGluMlp
 from .patch_embed import LinearPatchEmbed
+from .projection import project_in

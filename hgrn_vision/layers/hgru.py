@@ -1,5 +1,5 @@
 """HGRU token mixer: the bidirectional complex gated linear recurrence of HGRN (Qin et al., NeurIPS 2023)."""
-from typing import Optional
+from typing import Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -7,6 +7,8 @@ from timm.layers import register_notrace_module
 from torch import nn
 
 from hgrn_vision.ops import bihgru_scan_norm_gate, bihgru_scan_reference, default_impl
+
+from .projection import project_in
 
 
 def hgru_theta_init(dim: int, device=None, dtype=None) -> torch.Tensor:
@@ -21,14 +23,16 @@ class HgruMixer(nn.Module):
     The authors' `input_proj` (C -> 2C), `lambda_proj` (C -> C) and `gate` (C -> 2C) all read the same input,
     so they are one fused `in_proj` (C -> 5C) whose output splits into `[u | z | g]`; `checkpoint_filter_fn`
     concatenates the authors' weights in that order. `out = out_proj(norm(scan(u, z)) * silu(g))`, where everything
-    between the two projections is one op (`bihgru_scan_norm_gate`) so that the Triton path can hand `in_proj` its
-    gradient in one buffer; there `in_proj`'s bias is added detached and its gradient comes from the op's kernels.
+    after `in_proj` is one op (`bihgru_scan_norm_gate`) so that the Triton path can hand `in_proj` its gradient in
+    one buffer (there `in_proj`'s bias is added detached and its gradient comes from the op's kernels) and, with
+    `out_proj_in_op`, need not keep out_proj's input for the backward.
     """
 
     def __init__(
             self,
             dim: int,
             scan_impl: Optional[str] = None,
+            out_proj_in_op: bool = False,
             device=None,
             dtype=None,
     ):
@@ -36,11 +40,14 @@ class HgruMixer(nn.Module):
         Args:
             dim: channels C.
             scan_impl: `bihgru_scan` implementation; None picks the best for the device at run time.
+            out_proj_in_op: on the Triton path run a plain Linear out_proj inside the fused op, whose backward
+                writes out_proj's input again instead of keeping it (2 C fewer elements per token kept).
         """
         super().__init__()
         dd = {'device': device, 'dtype': dtype}
         self.dim = dim
         self.scan_impl = scan_impl
+        self.out_proj_in_op = out_proj_in_op
         self.in_proj = nn.Linear(dim, 5 * dim, **dd)
         self.norm = nn.LayerNorm(2 * dim, **dd)
         self.out_proj = nn.Linear(2 * dim, dim, **dd)
@@ -52,13 +59,27 @@ class HgruMixer(nn.Module):
             u, z, g = self.in_proj(x).split([2 * self.dim, self.dim, 2 * self.dim], dim=-1)
             h = bihgru_scan_reference(u, z, lower_bound, self.theta_forward, self.theta_reverse)
             return self.out_proj(self.norm(h) * F.silu(g))
-        in_bias = None
-        if type(self.in_proj) is nn.Linear and (self.scan_impl or default_impl(x)) == 'triton':
-            # the bias added detached: its gradient comes through the fused op, summed by its kernels
-            in_bias = self.in_proj.bias
-            x = F.linear(x, self.in_proj.weight, None if in_bias is None else in_bias.detach())
-        else:  # other scans, or an in_proj replaced or wrapped (e.g. by an adapter): called as it is
-            x = self.in_proj(x)
-        return self.out_proj(bihgru_scan_norm_gate(
-            x, lower_bound, self.theta_forward, self.theta_reverse, self.norm.weight, self.norm.bias, self.norm.eps,
-            in_bias=in_bias, impl=self.scan_impl))
+        return self.forward_projected(*self.project_in(x), lower_bound)
+
+    def uses_triton(self, x: torch.Tensor) -> bool:
+        """Whether the scan runs on the Triton path for input x (then through the fused op)."""
+        return (self.scan_impl or default_impl(x)) == 'triton'
+
+    def project_in(self, x: torch.Tensor, norm: Optional[nn.Module] = None
+                   ) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+        """`in_proj(x)` (of `norm(x)` with a norm, fused with it where it can be) and in_proj's bias where it is added
+        detached: see `project_in`."""
+        return project_in(x, self.in_proj, norm, self.uses_triton(x))
+
+    def forward_projected(self, x: torch.Tensor, in_bias: Optional[torch.Tensor], lower_bound: torch.Tensor
+                          ) -> torch.Tensor:
+        """The mixer after `in_proj`, for its output x (B, N, 5C) and the `in_bias` from `project_in`."""
+        args = (x, lower_bound, self.theta_forward, self.theta_reverse, self.norm.weight, self.norm.bias, self.norm.eps)
+        out_proj = self.out_proj
+        if self.out_proj_in_op and type(out_proj) is nn.Linear and self.uses_triton(x):
+            # out_proj inside the op, whose backward writes y again for its weight gradient (not kept); cast as
+            # autocast would cast them for out_proj
+            bias = None if out_proj.bias is None else out_proj.bias.to(x.dtype)
+            return bihgru_scan_norm_gate(*args, in_bias=in_bias, out_weight=out_proj.weight.to(x.dtype),
+                                         out_bias=bias, impl=self.scan_impl)
+        return out_proj(bihgru_scan_norm_gate(*args, in_bias=in_bias, impl=self.scan_impl))

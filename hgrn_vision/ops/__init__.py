@@ -1,4 +1,5 @@
-"""Custom ops: the bidirectional HGRU scan (alone, and with the mixer's LayerNorm and gate) and its implementations."""
+"""Custom ops: the bidirectional HGRU scan (alone, and with the mixer's LayerNorm and gate) and its implementations;
+the SiLU GLU with the projection after it."""
 from .bihgru import (
     available_impls,
     bihgru_scan,
@@ -7,3 +8,5 @@ from .bihgru import (
     bihgru_scan_reference,
     default_impl,
 )
+from .glu import silu_glu_linear
+from .norm_linear import layer_norm_linear

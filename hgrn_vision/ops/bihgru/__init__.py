@@ -134,9 +134,12 @@ def bihgru_scan_norm_gate(
         eps: float = 1e-5,
         *,
         in_bias: Optional[torch.Tensor] = None,
+        out_weight: Optional[torch.Tensor] = None,
+        out_bias: Optional[torch.Tensor] = None,
         impl: Optional[str] = None,
 ) -> torch.Tensor:
-    """`LayerNorm(bihgru_scan(u, z, ...)) * silu(g)` for x = [u | z | g]: the HGRU mixer between its projections.
+    """`LayerNorm(bihgru_scan(u, z, ...)) * silu(g)` for x = [u | z | g]: the HGRU mixer between its projections,
+    and with `out_weight` the output projection too.
 
     Args:
         x: the input projection's output (B, N, 5C): u (2C, interleaved (re, im) pairs), z (C), g (2C).
@@ -146,10 +149,13 @@ def bihgru_scan_norm_gate(
         in_bias: a bias (5C,) already added into x but detached there (`F.linear(inp, w, in_bias.detach())`): its
             gradient, x's gradient summed over batch and tokens, then comes through this op (the Triton kernels
             sum it as they write x's gradient, sparing a pass over it). x's value is taken as it is.
+        out_weight, out_bias: the output projection's weight (C_out, 2C) and bias (C_out,) or None, in the dtype of
+            x (cast them under autocast): returns `F.linear(y, out_weight, out_bias)`. The Triton op's backward then
+            writes y again for out_weight's gradient instead of keeping it (2C fewer elements per token kept).
         impl: as for `bihgru_scan`; 'triton' runs one fused op.
 
     Returns:
-        (B, N, 2C) tensor in the dtype of x.
+        (B, N, 2C) tensor in the dtype of x, or (B, N, C_out) with `out_weight`.
     """
     if x.ndim != 3 or x.shape[-1] % 5:
         raise ValueError(
@@ -161,10 +167,17 @@ def bihgru_scan_norm_gate(
         _check_vector('bihgru_scan_norm_gate', name, t, '2C', 2 * C)
     if in_bias is not None:
         _check_vector('bihgru_scan_norm_gate', 'in_bias', in_bias, '5C', 5 * C)
+    if out_weight is not None and (out_weight.ndim != 2 or out_weight.shape[1] != 2 * C):
+        raise ValueError(f'bihgru_scan_norm_gate expects out_weight of shape (C_out, 2C) = (C_out, {2 * C}), got '
+                         f'{tuple(out_weight.shape)}.')
+    if out_weight is None and out_bias is not None:
+        raise ValueError('bihgru_scan_norm_gate got out_bias without out_weight.')
     impl = _check_impl(impl, x)
     if impl == 'triton':
-        return bihgru_scan_norm_gate_triton(x, gamma, theta_f, theta_r, norm_weight, norm_bias, eps, in_bias)
+        return bihgru_scan_norm_gate_triton(x, gamma, theta_f, theta_r, norm_weight, norm_bias, eps, in_bias,
+                                            out_weight, out_bias)
     if in_bias is not None:  # the same value, with in_bias's gradient the sum of x's
         u, z, g = (x + (in_bias - in_bias.detach())).split([2 * C, C, 2 * C], dim=-1)
     h = _IMPLS[impl](u, z, gamma, theta_f, theta_r)
-    return F.layer_norm(h, (2 * C,), norm_weight, norm_bias, eps) * F.silu(g)
+    y = F.layer_norm(h, (2 * C,), norm_weight, norm_bias, eps) * F.silu(g)
+    return y if out_weight is None else F.linear(y, out_weight, out_bias)

@@ -17,6 +17,7 @@ program, one reduction afterwards). The op keeps h for the backward (2C per toke
 from typing import Optional, Tuple
 
 import torch
+import torch.nn.functional as F
 import triton
 import triton.language as tl
 from torch import Tensor
@@ -91,11 +92,12 @@ def _load_bwd_tile(dy_ptr, h_ptr, x_ptr, tile, M, N, D, s_hb, s_hn, s_xb, s_xn, 
 
 
 @triton.jit
-def _norm_gate_bwd_kernel(dy_ptr, h_ptr, x_ptr, w_ptr, b_ptr, dh_ptr, dx_ptr, part_ptr, M, N, D, s_hb, s_hn, s_xb,
-                          s_xn, s_dyb, s_dyn, s_dxb, s_dxn, g_off, eps, n_tiles, BLOCK_D: tl.constexpr,
-                          ROWS: tl.constexpr):
+def _norm_gate_bwd_kernel(dy_ptr, h_ptr, x_ptr, w_ptr, b_ptr, dh_ptr, dx_ptr, part_ptr, y_ptr, M, N, D, s_hb, s_hn,
+                          s_xb, s_xn, s_dyb, s_dyn, s_dxb, s_dxn, g_off, eps, n_tiles, BLOCK_D: tl.constexpr,
+                          ROWS: tl.constexpr, WRITE_Y: tl.constexpr):
     """Tiles pid, pid + programs, ...; the next tile's loads are issued before this tile's reductions. Sums the
-    weight and bias gradients and dg over the program's tokens."""
+    weight and bias gradients and dg over the program's tokens. WRITE_Y: also writes the forward's output y again
+    (strides of h) for the output projection's weight gradient."""
     pid = tl.program_id(0)
     step = tl.num_programs(0)
     cols = tl.arange(0, BLOCK_D)
@@ -115,7 +117,10 @@ def _norm_gate_bwd_kernel(dy_ptr, h_ptr, x_ptr, w_ptr, b_ptr, dh_ptr, dx_ptr, pa
         xhat, rstd = _normalize(h, m, D, eps)
         sg = _sigmoid(g)
         dn = dy * g * sg  # gradient of the normalized, scaled and shifted h
-        dg = dy * (xhat * w[None, :] + b[None, :]) * sg * (1. + g * (1. - sg))
+        yn = xhat * w[None, :] + b[None, :]
+        dg = dy * yn * sg * (1. + g * (1. - sg))
+        if WRITE_Y:
+            tl.store(y_ptr + oh, (yn * g * sg).to(y_ptr.dtype.element_ty), mask=m)
         dw += tl.sum(dn * xhat, axis=0)  # rows are a thread's own registers: no exchange between threads
         db += tl.sum(dn, axis=0)
         dgs += tl.sum(dg, axis=0)
@@ -141,9 +146,9 @@ def norm_gate_fwd(h, x, weight, bias, eps):
     return y
 
 
-def norm_gate_bwd(dy, h, x, weight, bias, eps, dx):
-    """Backward of `norm_gate_fwd`: writes dg into dx[..., 3C:], returns dh, the weight and bias gradients and the
-    sum of dg over batch and tokens (fp32)."""
+def norm_gate_bwd(dy, h, x, weight, bias, eps, dx, y=None):
+    """Backward of `norm_gate_fwd`: writes dg into dx[..., 3C:] (and the forward's output into `y`, a tensor like h,
+    if given), returns dh, the weight and bias gradients and the sum of dg over batch and tokens (fp32)."""
     dy = dy if dy.stride(-1) == 1 else dy.contiguous()
     B, N, D = h.shape
     dh = torch.empty_like(h)
@@ -154,71 +159,87 @@ def norm_gate_bwd(dy, h, x, weight, bias, eps, dx):
     grid = min(n_tiles, programs_per_sm * _num_sms(h.device))
     part = torch.empty(grid, 3, D, device=h.device, dtype=torch.float32)
     wrap_triton(_norm_gate_bwd_kernel)[(grid,)](
-        dy, h, x, weight, bias, dh, dx, part, B * N, N, D, h.stride(0), h.stride(1), x.stride(0), x.stride(1),
+        dy, h, x, weight, bias, dh, dx, part, y, B * N, N, D, h.stride(0), h.stride(1), x.stride(0), x.stride(1),
         dy.stride(0), dy.stride(1), dx.stride(0), dx.stride(1), x.shape[-1] - D, eps, n_tiles,
-        BLOCK_D=block_d, ROWS=rows, num_warps=warps)
+        BLOCK_D=block_d, ROWS=rows, WRITE_Y=y is not None, num_warps=warps)
     dw, db, dgs = part.sum(0).unbind(0)
     return dh, dw.to(weight.dtype, copy=True), db.to(bias.dtype, copy=True), dgs
 
 
 # ---- the op: registered with torch.library so torch.compile traces through it, forward and backward ----
 
-def _fwd_fake(x, gamma, theta_f, theta_r, weight, bias, eps, in_bias):
+def _fwd_fake(x, gamma, theta_f, theta_r, weight, bias, eps, in_bias, out_weight, out_bias):
     shape = (*x.shape[:-1], x.shape[-1] // 5 * 2)
-    return x.new_empty(shape), x.new_empty(shape)
+    out = shape if out_weight is None else (*x.shape[:-1], out_weight.shape[0])
+    return x.new_empty(out), x.new_empty(shape)
 
 
 @kernel_op('hgrn_vision::bihgru_norm_gate_fwd', _fwd_fake)
 def _fwd_op(x: torch.Tensor, gamma: torch.Tensor, theta_f: torch.Tensor, theta_r: torch.Tensor,
-            weight: torch.Tensor, bias: torch.Tensor, eps: float, in_bias: Optional[torch.Tensor]
-            ) -> Tuple[torch.Tensor, torch.Tensor]:
-    """(y, h): the mixer's output and the scan's, which the backward needs. `in_bias` is only differentiated."""
+            weight: torch.Tensor, bias: torch.Tensor, eps: float, in_bias: Optional[torch.Tensor],
+            out_weight: Optional[torch.Tensor], out_bias: Optional[torch.Tensor]) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(out, h): the mixer's output y, or `F.linear(y, out_weight, out_bias)` with an out_weight, and the scan's h,
+    which the backward needs. `in_bias` is only differentiated."""
     x = x if x.stride(-1) == 1 else x.contiguous()
     C = x.shape[-1] // 5
     h = bihgru_fwd(x[..., :2 * C], x[..., 2 * C:3 * C], gamma, theta_f, theta_r)
-    return norm_gate_fwd(h, x, weight, bias, eps), h
+    y = norm_gate_fwd(h, x, weight, bias, eps)
+    return (y if out_weight is None else F.linear(y, out_weight, out_bias)), h
 
 
-def _bwd_fake(dy, x, h, gamma, theta_f, theta_r, weight, bias, eps):
+def _bwd_fake(dy, x, h, gamma, theta_f, theta_r, weight, bias, eps, write_y):
     return (torch.empty_like(x), torch.empty_like(gamma), torch.empty_like(theta_f), torch.empty_like(theta_r),
-            torch.empty_like(weight), torch.empty_like(bias), x.new_empty(x.shape[-1], dtype=torch.float32))
+            torch.empty_like(weight), torch.empty_like(bias), x.new_empty(x.shape[-1], dtype=torch.float32),
+            torch.empty_like(h) if write_y else h.new_empty(0))
 
 
 @kernel_op('hgrn_vision::bihgru_norm_gate_bwd', _bwd_fake)
 def _bwd_op(dy: torch.Tensor, x: torch.Tensor, h: torch.Tensor, gamma: torch.Tensor, theta_f: torch.Tensor,
-            theta_r: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float
-            ) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+            theta_r: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float, write_y: bool
+            ) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Grads of x (one (B, N, 5C) buffer: dg from the row kernel, du and dz from the scan's), gamma, theta_f,
-    theta_r, weight and bias, and x's gradient summed over batch and tokens (fp32 (5C,), from the kernels' sums)."""
+    theta_r, weight and bias, x's gradient summed over batch and tokens (fp32 (5C,), from the kernels' sums), and
+    with `write_y` the forward's y written again (else an empty tensor)."""
     x = x if x.stride(-1) == 1 else x.contiguous()
     C = x.shape[-1] // 5
     dx = torch.empty(x.shape, device=x.device, dtype=x.dtype)
-    dh, dw, db, dgs = norm_gate_bwd(dy, h, x, weight, bias, eps, dx)
+    y = torch.empty_like(h) if write_y else h.new_empty(0)
+    dh, dw, db, dgs = norm_gate_bwd(dy, h, x, weight, bias, eps, dx, y if write_y else None)
     _, _, dgamma, dtf, dtr, sums = bihgru_bwd(dh, x[..., :2 * C], x[..., 2 * C:3 * C], gamma, theta_f, theta_r,
                                               dx=dx)
     dx_sum = torch.cat([sums[1:].t().flatten(), sums[0], dgs])  # sums rows: z, Re u, Im u; u is (re, im) pairs
-    return dx, dgamma, dtf, dtr, dw, db, dx_sum
+    return dx, dgamma, dtf, dtr, dw, db, dx_sum, y
 
 
 def _setup_context(ctx, inputs, output):
-    x, gamma, theta_f, theta_r, weight, bias, eps, in_bias = inputs
+    x, gamma, theta_f, theta_r, weight, bias, eps, in_bias, out_weight, out_bias = inputs
     ctx.mark_non_differentiable(output[1])
     ctx.set_materialize_grads(False)
-    ctx.save_for_backward(x, output[1], gamma, theta_f, theta_r, weight, bias)
+    ctx.save_for_backward(x, output[1], gamma, theta_f, theta_r, weight, bias, out_weight)
     ctx.eps = eps
     ctx.in_bias_dtype = None if in_bias is None else in_bias.dtype
+    ctx.has_out_bias = out_bias is not None
 
 
-def _backward(ctx, dy, _):
-    x, h, gamma, theta_f, theta_r, weight, bias = ctx.saved_tensors
-    *grads, dx_sum = _bwd_op(dy, x, h, gamma, theta_f, theta_r, weight, bias, ctx.eps)
-    return *grads, None, None if ctx.in_bias_dtype is None else dx_sum.to(ctx.in_bias_dtype)
+def _backward(ctx, dout, _):
+    x, h, gamma, theta_f, theta_r, weight, bias, out_weight = ctx.saved_tensors
+    if out_weight is None:
+        *grads, dx_sum, _ = _bwd_op(dout, x, h, gamma, theta_f, theta_r, weight, bias, ctx.eps, False)
+        return *grads, None, None if ctx.in_bias_dtype is None else dx_sum.to(ctx.in_bias_dtype), None, None
+    # the output projection's weight gradient from y written again by the backward's row kernel, not kept
+    *grads, dx_sum, y = _bwd_op(dout @ out_weight, x, h, gamma, theta_f, theta_r, weight, bias, ctx.eps, True)
+    dout2 = dout.reshape(-1, dout.shape[-1])
+    d_out_weight = dout2.t() @ y.reshape(-1, y.shape[-1])
+    d_out_bias = dout2.sum(0) if ctx.has_out_bias else None
+    return (*grads, None, None if ctx.in_bias_dtype is None else dx_sum.to(ctx.in_bias_dtype), d_out_weight,
+            d_out_bias)
 
 
 _fwd_op.register_autograd(_backward, setup_context=_setup_context)
 
 
-def bihgru_scan_norm_gate_triton(x, gamma, theta_f, theta_r, weight, bias, eps, in_bias=None) -> torch.Tensor:
+def bihgru_scan_norm_gate_triton(x, gamma, theta_f, theta_r, weight, bias, eps, in_bias=None, out_weight=None,
+                                 out_bias=None) -> torch.Tensor:
     """The fused op (see `hgrn_vision.ops.bihgru_scan_norm_gate`)."""
     check_triton_device(x)
-    return _fwd_op(x, gamma, theta_f, theta_r, weight, bias, eps, in_bias)[0]
+    return _fwd_op(x, gamma, theta_f, theta_r, weight, bias, eps, in_bias, out_weight, out_bias)[0]
