@@ -147,3 +147,27 @@ def test_block_fused_matches_composed():
         assert rel_err(outs[0][0], outs[1][0]) < bound
         for name, g in outs[1][1].items():
             assert rel_err(outs[0][1][name], g) < bound, (autocast, name)
+
+
+def test_low_memory_counts_as_default():
+    """`benchmark.py`'s FLOP count sees the matmuls inside the low_memory ops (their registered formulas) and its scan
+    count the mixers' calls: both as for the default model."""
+    import timm
+
+    import hgrn_vision  # noqa: F401  (registers the models)
+    from hgrn_vision.benchmark.models import count_flops
+    counts = {}
+    for low_memory in (False, True):
+        model = timm.create_model('hgrn_deit_tiny', depth=1, scan_impl='triton', low_memory=low_memory)
+        counts[low_memory] = [count_flops(model, 28, mode, torch.device('cpu')) for mode in ('infer', 'train')]
+    assert counts[True] == counts[False] and counts[True][0]['flops_per_img'] > 0
+
+
+def test_low_memory_model_scripts():
+    """A low_memory model scripts (its blocks take the plain path there) and gives the eager logits."""
+    import timm
+
+    import hgrn_vision  # noqa: F401  (registers the models)
+    model = timm.create_model('hgrn_deit_tiny', depth=1, num_classes=3, low_memory=True).eval()
+    x = torch.randn(1, 3, 28, 28)
+    torch.testing.assert_close(torch.jit.script(model)(x), model(x), rtol=1e-4, atol=1e-5)

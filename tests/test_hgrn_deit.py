@@ -46,15 +46,19 @@ def test_lower_bound_schedule():
     torch.testing.assert_close(HgrnDeit(embed_dim=4, depth=5).lower_bound_schedule()[:, 0], torch.arange(5) / 5)
 
 
-def test_blocks_receive_their_lower_bound(monkeypatch):
-    model = HgrnDeit(embed_dim=8, depth=3, num_classes=0).eval()
+@pytest.mark.parametrize('low_memory', [False, True])
+def test_blocks_receive_their_lower_bound(monkeypatch, low_memory):
+    """Each block's mixer gets its own lower bound (with `low_memory` also its LayerNorm's parameters)."""
+    model = HgrnDeit(embed_dim=8, depth=3, num_classes=0, low_memory=low_memory).eval()
     seen = []
     for i, blk in enumerate(model.blocks):
-        orig = blk.mixer.forward_projected  # the block calls the mixer after its own projection
-        monkeypatch.setattr(blk.mixer, 'forward_projected',
-                            lambda x, in_bias, lb, orig=orig: (seen.append(lb), orig(x, in_bias, lb))[1])
+        orig = blk.mixer.forward
+        monkeypatch.setattr(blk.mixer, 'forward',
+                            lambda x, lb, *norm, orig=orig: (seen.append((lb, norm)), orig(x, lb, *norm))[1])
     model(torch.randn(1, 3, 28, 28))
-    torch.testing.assert_close(torch.stack(seen), model.lower_bound_schedule())
+    torch.testing.assert_close(torch.stack([lb for lb, _ in seen]), model.lower_bound_schedule())
+    for (_, norm), blk in zip(seen, model.blocks):
+        assert norm == (((blk.norm1.weight, blk.norm1.bias, blk.norm1.eps),) if low_memory else ())
 
 
 @pytest.mark.parametrize('size,grid', [

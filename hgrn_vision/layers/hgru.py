@@ -1,5 +1,5 @@
 """HGRU token mixer: the bidirectional complex gated linear recurrence of HGRN (Qin et al., NeurIPS 2023)."""
-from typing import Optional, Tuple
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -8,7 +8,7 @@ from torch import nn
 
 from hgrn_vision.ops import bihgru_scan_norm_gate, bihgru_scan_reference, default_impl
 
-from .projection import project_in
+from .projection import NormArgs, project_in
 
 
 def hgru_theta_init(dim: int, device=None, dtype=None) -> torch.Tensor:
@@ -54,29 +54,25 @@ class HgruMixer(nn.Module):
         self.theta_forward = nn.Parameter(hgru_theta_init(dim, **dd))
         self.theta_reverse = nn.Parameter(hgru_theta_init(dim, **dd))
 
-    def forward(self, x: torch.Tensor, lower_bound: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, lower_bound: torch.Tensor, norm: Optional[NormArgs] = None) -> torch.Tensor:
+        """
+        Args:
+            x: tokens (B, N, C).
+            lower_bound: the forget gate's lower bound gamma (C,).
+            norm: a LayerNorm's (weight, bias, eps) to apply to x first (the block's norm1 with `low_memory`): on the
+                Triton path it runs with in_proj as one op whose backward does not keep its output.
+        """
         if torch.jit.is_scripting():  # the scriptable reference scan, composed as bihgru_scan_norm_gate does
+            if norm is not None:
+                x = F.layer_norm(x, [x.shape[-1]], norm[0], norm[1], norm[2])
             u, z, g = self.in_proj(x).split([2 * self.dim, self.dim, 2 * self.dim], dim=-1)
             h = bihgru_scan_reference(u, z, lower_bound, self.theta_forward, self.theta_reverse)
             return self.out_proj(self.norm(h) * F.silu(g))
-        return self.forward_projected(*self.project_in(x), lower_bound)
-
-    def uses_triton(self, x: torch.Tensor) -> bool:
-        """Whether the scan runs on the Triton path for input x (then through the fused op)."""
-        return (self.scan_impl or default_impl(x)) == 'triton'
-
-    def project_in(self, x: torch.Tensor, norm: Optional[nn.Module] = None
-                   ) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
-        """`in_proj(x)` (of `norm(x)` with a norm, fused with it where it can be) and in_proj's bias where it is added
-        detached: see `project_in`."""
-        return project_in(x, self.in_proj, norm, self.uses_triton(x))
-
-    def forward_projected(self, x: torch.Tensor, in_bias: Optional[torch.Tensor], lower_bound: torch.Tensor
-                          ) -> torch.Tensor:
-        """The mixer after `in_proj`, for its output x (B, N, 5C) and the `in_bias` from `project_in`."""
+        triton = (self.scan_impl or default_impl(x)) == 'triton'
+        x, in_bias = project_in(x, self.in_proj, norm, triton)
         args = (x, lower_bound, self.theta_forward, self.theta_reverse, self.norm.weight, self.norm.bias, self.norm.eps)
         out_proj = self.out_proj
-        if self.out_proj_in_op and type(out_proj) is nn.Linear and self.uses_triton(x):
+        if self.out_proj_in_op and type(out_proj) is nn.Linear and triton:
             # out_proj inside the op, whose backward writes y again for its weight gradient (not kept); cast as
             # autocast would cast them for out_proj
             bias = None if out_proj.bias is None else out_proj.bias.to(x.dtype)

@@ -1,5 +1,5 @@
 """The HGRN block's MLP: timm's GluMlp as a SiLU GLU (gate first), run through one op on the Triton path."""
-from typing import Optional, Tuple
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -8,7 +8,7 @@ from torch import nn
 
 from hgrn_vision.ops import default_impl, silu_glu_linear
 
-from .projection import project_in
+from .projection import NormArgs, project_in
 
 
 @register_notrace_module
@@ -16,8 +16,7 @@ class SiluGluMlp(GluMlp):
     """`fc2(silu(a) * b)` for `fc1(x) = [a | b]`: timm's `GluMlp(act_layer=nn.SiLU, gate_last=False)`, same modules
     and state dict. Where `impl` resolves to 'triton' and fc1, fc2 are plain Linears with nothing between them (no
     norm, no dropout while training) everything after fc1 is `silu_glu_linear`, whose backward rewrites the GLU
-    product instead of keeping it, and fc1's bias is added detached with its gradient from that op's kernel. The
-    block calls `project_in` (with its LayerNorm) and `forward_projected` itself to fuse that norm with fc1."""
+    product instead of keeping it, and fc1's bias is added detached with its gradient from that op's kernel."""
 
     def __init__(self, in_features: int, hidden_features: int, impl: Optional[str] = None, **kwargs):
         """
@@ -31,27 +30,19 @@ class SiluGluMlp(GluMlp):
         super().__init__(in_features, hidden_features, act_layer=nn.SiLU, gate_last=False, **kwargs)
         self.impl = impl
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, norm: Optional[NormArgs] = None) -> torch.Tensor:
+        """x (..., C); `norm`: a LayerNorm's (weight, bias, eps) to apply to x first (the block's norm2 with
+        `low_memory`), on the Triton path as one op with fc1 whose backward does not keep its output."""
         if torch.jit.is_scripting():  # GluMlp's forward, written out (TorchScript has no super())
+            if norm is not None:
+                x = F.layer_norm(x, [x.shape[-1]], norm[0], norm[1], norm[2])
             a, b = self.fc1(x).chunk(2, dim=-1)
             return self.drop2(self.fc2(self.norm(self.drop1(F.silu(a) * b))))
-        return self.forward_projected(*self.project_in(x))
-
-    def uses_fused_op(self, x: torch.Tensor) -> bool:
-        """Whether everything after fc1 runs as `silu_glu_linear` for input x."""
-        return type(self.fc2) is nn.Linear and type(self.norm) is nn.Identity and \
-            (self.drop1.p == 0. or not self.training) and (self.impl or default_impl(x)) == 'triton'
-
-    def project_in(self, x: torch.Tensor, norm: Optional[nn.Module] = None
-                   ) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
-        """`fc1(x)` (of `norm(x)` with a norm, fused with it where it can be) and fc1's bias where it is added
-        detached: see `project_in`."""
-        return project_in(x, self.fc1, norm, self.uses_fused_op(x))
-
-    def forward_projected(self, x: torch.Tensor, in_bias: Optional[torch.Tensor]) -> torch.Tensor:
-        """The MLP after fc1, for its output x and the `in_bias` from `project_in`."""
         fc2 = self.fc2
-        if self.uses_fused_op(x):
+        fused = type(fc2) is nn.Linear and type(self.norm) is nn.Identity and \
+            (self.drop1.p == 0. or not self.training) and (self.impl or default_impl(x)) == 'triton'
+        x, in_bias = project_in(x, self.fc1, norm, fused)
+        if fused:
             bias = None if fc2.bias is None else fc2.bias.to(x.dtype)  # the casts autocast makes for fc2
             return self.drop2(silu_glu_linear(x, fc2.weight.to(x.dtype), bias, in_bias=in_bias, impl='triton'))
         a, b = x.chunk(2, dim=-1)  # GluMlp's forward after fc1

@@ -8,24 +8,34 @@ from torch import nn
 
 from hgrn_vision.ops import layer_norm_linear
 
+# a LayerNorm's (weight, bias, eps), passed to a mixer or MLP to run before its input projection
+NormArgs = Tuple[torch.Tensor, torch.Tensor, float]
 
-def project_in(x: torch.Tensor, proj: nn.Module, norm: Optional[nn.Module] = None, fused: bool = False
+
+def norm_args(norm: nn.Module) -> Optional[NormArgs]:
+    """A plain affine `nn.LayerNorm`'s (weight, bias, eps), else None (a norm to call as it is)."""
+    if type(norm) is nn.LayerNorm and norm.weight is not None and norm.bias is not None:
+        return norm.weight, norm.bias, norm.eps
+    return None
+
+
+def project_in(x: torch.Tensor, proj: nn.Module, norm: Optional[NormArgs] = None, fused: bool = False
                ) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
-    """`proj(norm(x))` (or `proj(x)` without a norm), and the bias the fused op after it must differentiate.
+    """`proj(LayerNorm(x))` (`proj(x)` without `norm`), and the bias the fused op after it must differentiate.
 
     With `fused` (that op runs on Triton) and a plain Linear `proj`, the projection's bias is added detached and
-    returned: its gradient comes through the op's kernels. A plain affine LayerNorm `norm` then runs with the
-    projection as one op (`layer_norm_linear`, whose backward does not keep the LayerNorm's output), in the dtype
-    autocast would run the projection in. Anything else (other norms, adapters, other impls) is called as it is.
+    returned: its gradient comes through the op's kernels; a LayerNorm then runs with the projection as one op
+    (`layer_norm_linear`, whose backward does not keep the LayerNorm's output), in the dtype autocast would run the
+    projection in. Otherwise (adapters, other impls) the LayerNorm and `proj` are called as they are.
     """
     if not (fused and type(proj) is nn.Linear):
-        return proj(x if norm is None else norm(x)), None
+        if norm is not None:
+            x = F.layer_norm(x, (x.shape[-1],), *norm)
+        return proj(x), None
     bias = proj.bias
-    if norm is not None and not (type(norm) is nn.LayerNorm and norm.weight is not None and norm.bias is not None):
-        x, norm = norm(x), None
     if norm is None:
         return F.linear(x, proj.weight, None if bias is None else bias.detach()), bias
     dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
-    out = layer_norm_linear(x, norm.weight, norm.bias, norm.eps, proj.weight.to(dtype),
+    out = layer_norm_linear(x, norm[0], norm[1], norm[2], proj.weight.to(dtype),
                             None if bias is None else bias.detach().to(dtype), impl='triton')
     return out, bias

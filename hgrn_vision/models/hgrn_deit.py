@@ -21,12 +21,12 @@ from typing import Any, Dict, List, Optional, Set, Tuple, Union
 import torch
 import torch.nn as nn
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
-from timm.layers import DropPath, register_notrace_function, register_notrace_module, trunc_normal_
+from timm.layers import DropPath, register_notrace_function, trunc_normal_
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 from timm.models._features import feature_take_indices
 from timm.models._manipulate import checkpoint
 
-from hgrn_vision.layers import HgruMixer, LinearPatchEmbed, SiluGluMlp
+from hgrn_vision.layers import HgruMixer, LinearPatchEmbed, SiluGluMlp, norm_args
 
 __all__ = ['HgrnDeit', 'checkpoint_filter_fn', 'check_image_input']
 
@@ -60,10 +60,10 @@ class RmsNormNoAffine(nn.Module):
         return x / (rms + self.eps)
 
 
-@register_notrace_module  # a leaf for FX: its forward picks fused ops by the input's device
 class HgrnBlock(nn.Module):
     """Pre-norm block: `x + mixer(norm1(x), lower_bound)`, then `x + mlp(norm2(x))`; the MLP is a SiLU GLU. With
-    `low_memory`, on the Triton path, each norm runs with the projection after it as one op (`project_in`)."""
+    `low_memory` the mixer and the MLP are handed their LayerNorm's parameters and run it themselves, on the Triton
+    path with their input projection as one op (`project_in`)."""
 
     def __init__(
             self,
@@ -101,10 +101,11 @@ class HgrnBlock(nn.Module):
         if torch.jit.is_scripting() or not self.low_memory:
             x = x + self.drop_path1(self.mixer(self.norm1(x), lower_bound))
             return x + self.drop_path2(self.mlp(self.norm2(x)))
-        # each norm with the projection after it, as one op on the Triton path (project_in); the mixer's and the
-        # MLP's own forward (and forward hooks) are not called
-        x = x + self.drop_path1(self.mixer.forward_projected(*self.mixer.project_in(x, self.norm1), lower_bound))
-        return x + self.drop_path2(self.mlp.forward_projected(*self.mlp.project_in(x, self.norm2)))
+        # each LayerNorm handed to the module after it, which runs it with its input projection as one op
+        n1, n2 = norm_args(self.norm1), norm_args(self.norm2)
+        x = x + self.drop_path1(self.mixer(x, lower_bound, n1) if n1 is not None else self.mixer(self.norm1(x),
+                                                                                                lower_bound))
+        return x + self.drop_path2(self.mlp(self.norm2(x)) if n2 is None else self.mlp(x, n2))
 
 
 class HgrnDeit(nn.Module):

@@ -10,6 +10,7 @@ gradient. The forward is plain PyTorch (torch.compile fuses the GLU into one ker
 
     SiLU GLU:  p = silu(a) * b;   da = dp * b * s (1 + a (1 - s)),  db = dp * silu(a),  s = sigmoid(a)
 """
+import math
 from typing import Optional, Tuple
 
 import torch
@@ -18,6 +19,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 from torch.library import wrap_triton
+from torch.utils.flop_counter import register_flop_formula
 
 from .bihgru import default_impl
 from .bihgru.fused import _num_sms, _sigmoid, check_triton_device, kernel_op
@@ -114,6 +116,12 @@ def _backward(ctx, dout):
 
 
 _fwd_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+@register_flop_formula(torch.ops.hgrn_vision.silu_glu_linear)
+def _flops(x_shape, weight_shape, *args, **kwargs) -> int:
+    """fc2's matmul, for FlopCounterMode (which cannot see into the op)."""
+    return 2 * math.prod(x_shape[:-1]) * weight_shape[1] * weight_shape[0]
 
 
 def silu_glu_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, *, in_bias: Optional[Tensor] = None,

@@ -9,6 +9,7 @@ partitioner does not make that trade itself: it keeps what a backward matmul rea
 (torch.compile fuses the LayerNorm with the residual add before it), in fp32 for 16-bit x as autocast runs a LayerNorm,
 its output cast to the projection's dtype.
 """
+import math
 from typing import Optional, Tuple
 
 import torch
@@ -17,6 +18,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 from torch.library import wrap_triton
+from torch.utils.flop_counter import register_flop_formula
 
 from .bihgru import default_impl
 from .bihgru.fused import _num_sms, check_triton_device, kernel_op
@@ -132,6 +134,12 @@ def _backward(ctx, dout, _mean, _rstd):
 
 
 _fwd_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+@register_flop_formula(torch.ops.hgrn_vision.layer_norm_linear)
+def _flops(x_shape, norm_weight_shape, norm_bias_shape, eps, weight_shape, *args, **kwargs) -> int:
+    """The projection's matmul, for FlopCounterMode (which cannot see into the op)."""
+    return 2 * math.prod(x_shape[:-1]) * weight_shape[1] * weight_shape[0]
 
 
 def layer_norm_linear(x: Tensor, norm_weight: Tensor, norm_bias: Tensor, eps: float, weight: Tensor,

@@ -14,6 +14,7 @@ The forward reads h and g, writes y; the backward reads dy, h and g, recomputes 
 stats kept), writes dh and dg, and sums the LayerNorm's weight and bias gradients over its tokens (fp32 partials per
 program, one reduction afterwards). The op keeps h for the backward (2C per token, as the separate ops did).
 """
+import math
 from typing import Optional, Tuple
 
 import torch
@@ -22,6 +23,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 from torch.library import wrap_triton
+from torch.utils.flop_counter import register_flop_formula
 
 from .fused import _num_sms, _sigmoid, bihgru_bwd, bihgru_fwd, check_triton_device, kernel_op
 
@@ -236,6 +238,13 @@ def _backward(ctx, dout, _):
 
 
 _fwd_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+@register_flop_formula(torch.ops.hgrn_vision.bihgru_norm_gate_fwd)
+def _flops(x_shape, gamma_shape, theta_f_shape, theta_r_shape, weight_shape, bias_shape, eps, in_bias_shape,
+           out_weight_shape, *args, **kwargs) -> int:
+    """The output projection's matmul (none without it), for FlopCounterMode (which cannot see into the op)."""
+    return 0 if out_weight_shape is None else 2 * math.prod(x_shape[:-1]) * out_weight_shape[1] * out_weight_shape[0]
 
 
 def bihgru_scan_norm_gate_triton(x, gamma, theta_f, theta_r, weight, bias, eps, in_bias=None, out_weight=None,
