@@ -5,6 +5,7 @@ side. Traced on the CPU (the HGRN scan through the Triton op in the interpreter)
     python scripts/saved_activations.py                       # hgrn_deit_small vs deit_small_patch16_224 at 224
     python scripts/saved_activations.py --models hgrn_deit_tiny deit_tiny_patch16_224
     python scripts/saved_activations.py --selective   # each block checkpointed: keep matmul / attention / op outputs
+    python scripts/saved_activations.py --low-memory  # HGRN with low_memory=True
 
 The GPU's peak memory per image (`benchmark.py models`) adds workspace and transients on top of these.
 """
@@ -41,12 +42,12 @@ def _checkpoint_blocks(model: torch.nn.Module) -> None:
             context_fn=functools.partial(create_selective_checkpoint_contexts, _policy))
 
 
-def saved_activations(name: str, depth: int, res: int, selective: bool = False):
+def saved_activations(name: str, depth: int, res: int, selective: bool = False, low_memory: bool = False):
     """(shape, dtype) of every tensor the forward graph saves whose shape holds the token count (the weights' bf16
     casts are per model, not per image), and the token count. The HGRN models take their default scan for CPU
-    tensors ('torch'), so the mixer op is forced to 'triton' (the GPU's path) here."""
+    tensors ('torch'), so the mixer op is forced to 'triton' (the GPU's path) here; `low_memory` is theirs."""
     torch._dynamo.reset()
-    kwargs = dict(scan_impl='triton') if name.startswith('hgrn') else {}
+    kwargs = dict(scan_impl='triton', low_memory=low_memory) if name.startswith('hgrn') else {}
     model = timm.create_model(name, depth=depth, num_classes=10, img_size=res, **kwargs)
     tokens = model.patch_embed.num_patches + getattr(model, 'num_prefix_tokens', 0)
     if selective:
@@ -75,10 +76,11 @@ def main():
     p.add_argument('--res', type=int, default=224)
     p.add_argument('--selective', action='store_true',
                    help='checkpoint every block, keeping only matmul, attention and HGRU op outputs')
+    p.add_argument('--low-memory', action='store_true', help='the HGRN models with low_memory=True')
     args = p.parse_args()
     for name in args.models:
-        one, _ = saved_activations(name, 1, args.res, args.selective)
-        two, tokens = saved_activations(name, 2, args.res, args.selective)
+        one, _ = saved_activations(name, 1, args.res, args.selective, args.low_memory)
+        two, tokens = saved_activations(name, 2, args.res, args.selective, args.low_memory)
         nbytes = sum(torch.Size(s).numel() * d.itemsize for s, d in two) - \
             sum(torch.Size(s).numel() * d.itemsize for s, d in one)
         width = timm.create_model(name, depth=1).num_features
