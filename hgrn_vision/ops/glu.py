@@ -26,7 +26,8 @@ from .bihgru.fused import _num_sms, _sigmoid, check_triton_device, kernel_op
 
 __all__ = ['silu_glu_linear']
 
-# (tokens per tile, channels per program, warps, programs per SM) of the backward kernel; untuned first guess
+# (tokens per tile, channels per program, warps, programs per SM) of the backward kernel: an untuned first guess
+# (`scripts/gpu_block_ops.py tune` times others)
 BWD_CFG = (8, 256, 4, 8)
 
 

@@ -22,9 +22,13 @@ from torch.utils.flop_counter import register_flop_formula
 
 from .bihgru import default_impl
 from .bihgru.fused import _num_sms, check_triton_device, kernel_op
-from .bihgru.norm_gate import BWD_CFG, BWD_CHANNELS_PER_WARP
+from .bihgru.norm_gate import BWD_CHANNELS_PER_WARP
 
 __all__ = ['layer_norm_linear']
+
+# (tokens per tile, warps, programs per SM) of the backward kernel, at least a warp per BWD_CHANNELS_PER_WARP channels:
+# the norm-gate backward's, a first guess (`scripts/gpu_block_ops.py tune` times others)
+BWD_CFG = (2, 2, 16)
 
 
 @triton.jit
