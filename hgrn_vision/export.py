@@ -37,10 +37,8 @@ from hgrn_vision.models.hgrn_deit import HgrnDeit
 from hgrn_vision.train.args import ParseKwargs, UserError
 from hgrn_vision.train.checkpoint import (
     EMA_KEYS,
-    _load_strict,
-    fit_state_dict,
     load_checkpoint_file,
-    model_state_from_checkpoint,
+    load_trained_weights,
     saved_train_args,
     trained_model_name,
 )
@@ -149,11 +147,8 @@ def load_export_model(
                            input_size=None),
         num_classes=flags.get('num_classes'))
 
-    state_dict, key = model_state_from_checkpoint(ckpt, use_ema=use_ema)
-    if use_ema and key not in EMA_KEYS:
-        raise UserError(f'--ema: checkpoint {checkpoint!r} holds no EMA weights.')
-    state_dict = fit_state_dict(state_dict, model, checkpoint, flags['model'])
-    _load_strict(model, state_dict, checkpoint, f'model {flags["model"]}')
+    key = load_trained_weights(model, ckpt, checkpoint, flags['model'], use_ema=use_ema,
+                               ema_flag='--ema' if use_ema else None)
     model.eval()
 
     data_config = resolve_data_config(

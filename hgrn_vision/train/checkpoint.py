@@ -22,8 +22,8 @@ from timm.utils import CheckpointSaver, get_state_dict, unwrap_model
 from .args import UserError
 
 __all__ = ['AtomicCheckpointSaver', 'atomic_save', 'get_rng_state', 'set_rng_state', 'load_checkpoint_file',
-           'resume_training_state', 'load_finetune_checkpoint', 'model_state_from_checkpoint', 'saved_train_args',
-           'trained_model_name']
+           'resume_training_state', 'load_finetune_checkpoint', 'model_state_from_checkpoint', 'load_trained_weights',
+           'saved_train_args', 'trained_model_name']
 
 _logger = logging.getLogger(__name__)
 
@@ -165,6 +165,18 @@ def model_state_from_checkpoint(ckpt: Dict[str, Any], use_ema: bool = False) -> 
         if isinstance(ckpt.get(key), dict):
             return {k.removeprefix('module.'): v for k, v in ckpt[key].items()}, key
     return {k.removeprefix('module.'): v for k, v in ckpt.items() if isinstance(v, torch.Tensor)}, ''
+
+
+def load_trained_weights(model: nn.Module, ckpt: Dict[str, Any], path: str, name: str, use_ema: bool = False,
+                         ema_flag: Optional[str] = None) -> str:
+    """Loads a checkpoint's model weights into `model` strictly, in its layout (`fit_state_dict`): the EMA ones when
+    `use_ema` and present. With `ema_flag`, the flag that asked for EMA weights, a checkpoint without them is a
+    `UserError` naming it. Returns the weights' key in the checkpoint ('' for a bare state dict)."""
+    state_dict, key = model_state_from_checkpoint(ckpt, use_ema=use_ema)
+    if ema_flag and key not in EMA_KEYS:
+        raise UserError(f'{ema_flag}: checkpoint {path!r} holds no EMA weights.')
+    _load_strict(model, fit_state_dict(state_dict, model, path, name), path, f'model {name}')
+    return key
 
 
 def _shorten_keys(line: str, keep: int = 3) -> str:

@@ -15,15 +15,7 @@ import torch.nn as nn
 from timm.data import resolve_data_config
 
 from .args import UserError, parse_args, validate_parser
-from .checkpoint import (
-    EMA_KEYS,
-    _load_strict,
-    fit_state_dict,
-    load_checkpoint_file,
-    model_state_from_checkpoint,
-    saved_train_args,
-    trained_model_name,
-)
+from .checkpoint import EMA_KEYS, load_checkpoint_file, load_trained_weights, saved_train_args, trained_model_name
 from .data import build_dataset, create_eval_loader, dataset_classes
 from .engine import evaluate
 from .trainer import create_train_model, setup_device
@@ -65,13 +57,9 @@ def validate(args: argparse.Namespace) -> Dict[str, Any]:
     args.img_size = img_size
     use_ema = False
     if ckpt is not None:
-        prefer_ema = args.use_ema is not False
-        state_dict, key = model_state_from_checkpoint(ckpt, use_ema=prefer_ema)
-        if args.use_ema and key not in EMA_KEYS:
-            raise UserError(f'--use-ema: checkpoint {args.checkpoint!r} holds no EMA weights.')
+        key = load_trained_weights(model, ckpt, args.checkpoint, args.model, use_ema=args.use_ema is not False,
+                                   ema_flag='--use-ema' if args.use_ema else None)  # e.g. the authors' layout
         use_ema = key in EMA_KEYS
-        state_dict = fit_state_dict(state_dict, model, args.checkpoint, args.model)  # e.g. the authors' layout
-        _load_strict(model, state_dict, args.checkpoint, f'model {args.model}')
         _logger.info(f'Loaded {"EMA" if use_ema else "raw"} weights ({key or "bare state dict"}) from '
                      f'{args.checkpoint}, epoch {ckpt.get("epoch", "?")}')
     param_count = sum(p.numel() for p in model.parameters())
