@@ -8,7 +8,7 @@ from torch import nn
 
 from hgrn_vision.ops import bihgru_scan_norm_gate, bihgru_scan_reference, default_impl
 
-from .projection import NormArgs, project_in
+from .projection import NormArgs, layer_norm, linear_params, project_in
 
 
 def hgru_theta_init(dim: int, device=None, dtype=None) -> torch.Tensor:
@@ -64,7 +64,7 @@ class HgruMixer(nn.Module):
         """
         if torch.jit.is_scripting():  # the scriptable reference scan, composed as bihgru_scan_norm_gate does
             if norm is not None:
-                x = F.layer_norm(x, [x.shape[-1]], norm[0], norm[1], norm[2])
+                x = layer_norm(x, norm)
             u, z, g = self.in_proj(x).split([2 * self.dim, self.dim, 2 * self.dim], dim=-1)
             h = bihgru_scan_reference(u, z, lower_bound, self.theta_forward, self.theta_reverse)
             return self.out_proj(self.norm(h) * F.silu(g))
@@ -73,9 +73,8 @@ class HgruMixer(nn.Module):
         args = (x, lower_bound, self.theta_forward, self.theta_reverse, self.norm.weight, self.norm.bias, self.norm.eps)
         out_proj = self.out_proj
         if self.out_proj_in_op and type(out_proj) is nn.Linear and triton:
-            # out_proj inside the op, whose backward writes y again for its weight gradient (not kept); cast as
-            # autocast would cast them for out_proj
-            bias = None if out_proj.bias is None else out_proj.bias.to(x.dtype)
-            return bihgru_scan_norm_gate(*args, in_bias=in_bias, out_weight=out_proj.weight.to(x.dtype),
-                                         out_bias=bias, impl=self.scan_impl)
+            # out_proj inside the op, whose backward writes y again for its weight gradient (not kept)
+            weight, bias = linear_params(out_proj, x.dtype)
+            return bihgru_scan_norm_gate(*args, in_bias=in_bias, out_weight=weight, out_bias=bias,
+                                         impl=self.scan_impl)
         return out_proj(bihgru_scan_norm_gate(*args, in_bias=in_bias, impl=self.scan_impl))

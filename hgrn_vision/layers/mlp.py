@@ -8,7 +8,7 @@ from torch import nn
 
 from hgrn_vision.ops import default_impl, silu_glu_linear
 
-from .projection import NormArgs, project_in
+from .projection import NormArgs, layer_norm, linear_params, project_in
 
 
 @register_notrace_module
@@ -35,7 +35,7 @@ class SiluGluMlp(GluMlp):
         `low_memory`), on the Triton path as one op with fc1 whose backward does not keep its output."""
         if torch.jit.is_scripting():  # GluMlp's forward, written out (TorchScript has no super())
             if norm is not None:
-                x = F.layer_norm(x, [x.shape[-1]], norm[0], norm[1], norm[2])
+                x = layer_norm(x, norm)
             a, b = self.fc1(x).chunk(2, dim=-1)
             return self.drop2(self.fc2(self.norm(self.drop1(F.silu(a) * b))))
         fc2 = self.fc2
@@ -43,7 +43,6 @@ class SiluGluMlp(GluMlp):
             (self.drop1.p == 0. or not self.training) and (self.impl or default_impl(x)) == 'triton'
         x, in_bias = project_in(x, self.fc1, norm, fused)
         if fused:
-            bias = None if fc2.bias is None else fc2.bias.to(x.dtype)  # the casts autocast makes for fc2
-            return self.drop2(silu_glu_linear(x, fc2.weight.to(x.dtype), bias, in_bias=in_bias, impl='triton'))
+            return self.drop2(silu_glu_linear(x, *linear_params(fc2, x.dtype), in_bias=in_bias, impl='triton'))
         a, b = x.chunk(2, dim=-1)  # GluMlp's forward after fc1
         return self.drop2(fc2(self.norm(self.drop1(F.silu(a) * b))))

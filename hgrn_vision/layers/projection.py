@@ -19,6 +19,21 @@ def norm_args(norm: nn.Module) -> Optional[NormArgs]:
     return None
 
 
+def layer_norm(x: torch.Tensor, norm: NormArgs) -> torch.Tensor:
+    """x normalized over its last dim by a LayerNorm's (weight, bias, eps); TorchScript-able."""
+    return F.layer_norm(x, [x.shape[-1]], norm[0], norm[1], norm[2])
+
+
+def linear_params(proj: nn.Linear, dtype: torch.dtype, detach_bias: bool = False
+                  ) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """A plain Linear's weight and bias (None without one) cast to `dtype`, as autocast casts them for it: for a fused
+    op that runs the projection itself. `detach_bias`: the bias's gradient comes from the op after it."""
+    bias = proj.bias
+    if bias is not None:
+        bias = (bias.detach() if detach_bias else bias).to(dtype)
+    return proj.weight.to(dtype), bias
+
+
 def project_in(x: torch.Tensor, proj: nn.Module, norm: Optional[NormArgs] = None, fused: bool = False
                ) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
     """`proj(LayerNorm(x))` (`proj(x)` without `norm`), and the bias the fused op after it must differentiate.
@@ -29,13 +44,9 @@ def project_in(x: torch.Tensor, proj: nn.Module, norm: Optional[NormArgs] = None
     projection in. Otherwise (adapters, other impls) the LayerNorm and `proj` are called as they are.
     """
     if not (fused and type(proj) is nn.Linear):
-        if norm is not None:
-            x = F.layer_norm(x, (x.shape[-1],), *norm)
-        return proj(x), None
+        return proj(x if norm is None else layer_norm(x, norm)), None
     bias = proj.bias
     if norm is None:
         return F.linear(x, proj.weight, None if bias is None else bias.detach()), bias
     dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
-    out = layer_norm_linear(x, norm[0], norm[1], norm[2], proj.weight.to(dtype),
-                            None if bias is None else bias.detach().to(dtype), impl='triton')
-    return out, bias
+    return layer_norm_linear(x, *norm, *linear_params(proj, dtype, detach_bias=True), impl='triton'), bias

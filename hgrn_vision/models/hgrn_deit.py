@@ -102,10 +102,9 @@ class HgrnBlock(nn.Module):
             x = x + self.drop_path1(self.mixer(self.norm1(x), lower_bound))
             return x + self.drop_path2(self.mlp(self.norm2(x)))
         # each LayerNorm handed to the module after it, which runs it with its input projection as one op
-        n1, n2 = norm_args(self.norm1), norm_args(self.norm2)
-        x = x + self.drop_path1(self.mixer(x, lower_bound, n1) if n1 is not None else self.mixer(self.norm1(x),
-                                                                                                lower_bound))
-        return x + self.drop_path2(self.mlp(self.norm2(x)) if n2 is None else self.mlp(x, n2))
+        n1, n2 = norm_args(self.norm1), norm_args(self.norm2)  # None: a norm to call as it is
+        x = x + self.drop_path1(self.mixer(x if n1 is not None else self.norm1(x), lower_bound, n1))
+        return x + self.drop_path2(self.mlp(x if n2 is not None else self.norm2(x), n2))
 
 
 class HgrnDeit(nn.Module):

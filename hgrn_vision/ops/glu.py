@@ -22,7 +22,7 @@ from torch.library import wrap_triton
 from torch.utils.flop_counter import register_flop_formula
 
 from .bihgru import default_impl
-from .bihgru.fused import _num_sms, _sigmoid, check_triton_device, kernel_op
+from .bihgru.fused import _num_sms, _sigmoid, check_triton_device, kernel_op, linear_param_grads
 
 __all__ = ['silu_glu_linear']
 
@@ -103,16 +103,13 @@ def _bwd_op(dp: Tensor, x: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
 def _setup_context(ctx, inputs, output):
     x, weight, bias, in_bias = inputs
     ctx.save_for_backward(x, weight)
-    ctx.has_bias = bias is not None
     ctx.in_bias_dtype = None if in_bias is None else in_bias.dtype
 
 
 def _backward(ctx, dout):
     x, weight = ctx.saved_tensors
     dx, p, dx_sum = _bwd_op(dout @ weight, x)
-    dout2 = dout.reshape(-1, dout.shape[-1])
-    dweight = dout2.t() @ p.reshape(-1, p.shape[-1])
-    dbias = dout2.sum(0) if ctx.has_bias else None
+    dweight, dbias = linear_param_grads(dout, p, ctx.needs_input_grad[2])
     return dx, dweight, dbias, None if ctx.in_bias_dtype is None else dx_sum.to(ctx.in_bias_dtype)
 
 

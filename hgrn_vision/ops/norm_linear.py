@@ -21,7 +21,7 @@ from torch.library import wrap_triton
 from torch.utils.flop_counter import register_flop_formula
 
 from .bihgru import default_impl
-from .bihgru.fused import _num_sms, check_triton_device, kernel_op
+from .bihgru.fused import _num_sms, check_triton_device, kernel_op, linear_param_grads
 from .bihgru.norm_gate import BWD_CHANNELS_PER_WARP
 
 __all__ = ['layer_norm_linear']
@@ -125,15 +125,12 @@ def _setup_context(ctx, inputs, output):
     ctx.mark_non_differentiable(output[1], output[2])
     ctx.set_materialize_grads(False)
     ctx.save_for_backward(x, output[1], output[2], norm_weight, norm_bias, weight)
-    ctx.has_bias = bias is not None
 
 
 def _backward(ctx, dout, _mean, _rstd):
     x, mean, rstd, norm_weight, norm_bias, weight = ctx.saved_tensors
     dx, y, dnw, dnb = _bwd_op(dout @ weight, x, mean, rstd, norm_weight, norm_bias)
-    dout2 = dout.reshape(-1, dout.shape[-1])
-    dweight = dout2.t() @ y.reshape(-1, y.shape[-1])
-    dbias = dout2.sum(0) if ctx.has_bias and ctx.needs_input_grad[5] else None
+    dweight, dbias = linear_param_grads(dout, y, ctx.needs_input_grad[5])
     return dx, dnw, dnb, None, dweight, dbias
 
 

@@ -34,7 +34,7 @@ partials per program, reduced once afterwards.
 """
 import functools
 import os
-from typing import Callable, Tuple
+from typing import Callable, Optional, Tuple
 
 import torch
 import triton
@@ -656,6 +656,15 @@ def kernel_op(name: str, fake: Callable):
             return op
         return torch.library.triton_op(name, fn, mutates_args=())
     return register
+
+
+def linear_param_grads(dout: torch.Tensor, inp: torch.Tensor, bias_grad: bool
+                       ) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """The gradients of `F.linear(inp, weight, bias)`'s weight and (with `bias_grad`, else None) bias for its output's
+    gradient dout: the backward of an op that runs a projection and writes its input `inp` again instead of keeping
+    it."""
+    dout2 = dout.reshape(-1, dout.shape[-1])
+    return dout2.t() @ inp.reshape(-1, inp.shape[-1]), dout2.sum(0) if bias_grad else None
 
 
 def _fwd_fake(u, z, gamma, theta_f, theta_r):

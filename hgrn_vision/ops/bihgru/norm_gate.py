@@ -25,7 +25,7 @@ from torch import Tensor
 from torch.library import wrap_triton
 from torch.utils.flop_counter import register_flop_formula
 
-from .fused import _num_sms, _sigmoid, bihgru_bwd, bihgru_fwd, check_triton_device, kernel_op
+from .fused import _num_sms, _sigmoid, bihgru_bwd, bihgru_fwd, check_triton_device, kernel_op, linear_param_grads
 
 # (tokens per program tile, warps) of the forward, and (tokens per tile, warps, programs per SM) of the backward, whose
 # programs loop over tiles summing the weight and bias gradients of their tokens; the backward takes at least a warp per
@@ -220,7 +220,6 @@ def _setup_context(ctx, inputs, output):
     ctx.save_for_backward(x, output[1], gamma, theta_f, theta_r, weight, bias, out_weight)
     ctx.eps = eps
     ctx.in_bias_dtype = None if in_bias is None else in_bias.dtype
-    ctx.has_out_bias = out_bias is not None
 
 
 def _backward(ctx, dout, _):
@@ -230,9 +229,7 @@ def _backward(ctx, dout, _):
         return *grads, None, None if ctx.in_bias_dtype is None else dx_sum.to(ctx.in_bias_dtype), None, None
     # the output projection's weight gradient from y written again by the backward's row kernel, not kept
     *grads, dx_sum, y = _bwd_op(dout @ out_weight, x, h, gamma, theta_f, theta_r, weight, bias, ctx.eps, True)
-    dout2 = dout.reshape(-1, dout.shape[-1])
-    d_out_weight = dout2.t() @ y.reshape(-1, y.shape[-1])
-    d_out_bias = dout2.sum(0) if ctx.has_out_bias else None
+    d_out_weight, d_out_bias = linear_param_grads(dout, y, ctx.needs_input_grad[9])
     return (*grads, None, None if ctx.in_bias_dtype is None else dx_sum.to(ctx.in_bias_dtype), d_out_weight,
             d_out_bias)
 
