@@ -3,8 +3,8 @@ out_proj inside): run on the lent GPU as `PYTHONPATH=. python scripts/gpu_block_
 
   check    the two ops against float64 at the small model's shapes (bf16 and fp32), and a depth-2 hgrn_deit_small
            with low_memory=True (every fused op) against its PyTorch paths in fp32; prints relative errors
-  tune     the two new backward kernels' launch configs at the small model's shapes at 224 (B=256): kernel time
-           (`triton.testing.do_bench`) and GB/s over the bytes each must move
+  tune     the two backward kernels' launch configs at the small model's shapes at 224 (B=256): GPU time of the
+           op's backward function replayed from a CUDA graph, and GB/s over the bytes each kernel must move
   profile  compiled hgrn_deit_small training at 224 (B=256), default against low_memory=True: torch.profiler's
            kernel time per kernel name, side by side, one process
 
@@ -76,7 +76,8 @@ def check():
 
 
 def _time(fn, nbytes):
-    ms = triton.testing.do_bench(fn, warmup=25, rep=200)
+    """GPU time of fn's calls replayed from a CUDA graph (the Python path out) and GB/s over `nbytes`."""
+    ms = triton.testing.do_bench_cudagraph(fn, rep=200)
     return f'{ms * 1e3:8.1f} us {nbytes / ms / 1e6:7.0f} GB/s'
 
 
@@ -86,7 +87,7 @@ def tune():
     x, dp = torch.randn(M, 2 * H, device=dev, dtype=torch.bfloat16), torch.randn(M, H, device=dev, dtype=torch.bfloat16)
     current = glu.BWD_CFG
     print(f'== _silu_glu_bwd_kernel ({M}, 2 x {H}) bf16, (rows, channels, warps, programs per SM); moves 6 M H x 2 B')
-    for cfg in [current, *itertools.product((4, 8, 16), (128, 256, 512), (4, 8), (4, 8))]:
+    for cfg in [current, *itertools.product((8, 16, 32), (64, 128, 256), (2, 4), (8, 16))]:
         glu.BWD_CFG = cfg
         print(f'  {str(cfg):>20} {_time(lambda: glu.silu_glu_bwd(dp, x), 12 * M * H)}', flush=True)
     glu.BWD_CFG = current

@@ -2,11 +2,11 @@
 torch.compile of a model, block-size tuning, host overhead, the mixer's fused scan + LayerNorm + gate op.
 
 Run on the lent GPU: `PYTHONPATH=. python scripts/gpu_scan_tune.py [WHAT ...]` with WHAT among stress, check,
-compile, tune (the default: these four), host (the host-side cost of the op's Python paths), onchip (the one-read
-forward against the two-sweep one), normgate (the fused scan + LayerNorm + gate op against the scan op composed with
-them), normgate_tune (that op's row kernels' configs); or `... compare OTHER_FUSED.py` (forward and backward against
-another version of fused.py, e.g. `git show REV:hgrn_vision/ops/bihgru/fused.py > /tmp/f.py`). Prints tables;
-nothing is timed in tests.
+compile, tune (the default: these four), compile_lm (compile with low_memory=True), host (the host-side cost of the
+op's Python paths), onchip (the one-read forward against the two-sweep one), normgate (the fused scan + LayerNorm +
+gate op against the scan op composed with them), normgate_tune (that op's row kernels' configs); or `... compare
+OTHER_FUSED.py` (forward and backward against another version of fused.py, e.g. `git show
+REV:hgrn_vision/ops/bihgru/fused.py > /tmp/f.py`). Prints tables; nothing is timed in tests.
 """
 import importlib.util
 import inspect
@@ -321,15 +321,15 @@ def normgate_tune(shapes=((256, 256, 384), (12, 5329, 384))):
     ng.FWD_CFG, ng.BWD_CFG = defaults
 
 
-def compile_model():
-    """torch.compile(fullgraph=True) of hgrn_deit_tiny against eager, bf16 autocast: the logits and every parameter's
-    gradient (relative to its largest element), and the graph breaks."""
+def compile_model(low_memory: bool = False):
+    """torch.compile(fullgraph=True) of hgrn_deit_tiny (with `low_memory`) against eager, bf16 autocast: the logits and
+    every parameter's gradient (relative to its largest element), and the graph breaks."""
     import timm
     from torch._dynamo.utils import counters
 
     import hgrn_vision  # noqa: F401
     torch.manual_seed(0)
-    model = timm.create_model('hgrn_deit_tiny').cuda()
+    model = timm.create_model('hgrn_deit_tiny', low_memory=low_memory).cuda()
     x = torch.randn(8, 3, 224, 224, device='cuda')
     t0 = time.time()
     outs, grads = [], []
@@ -343,8 +343,9 @@ def compile_model():
     errs = {n: ((grads[0][n] - g).abs().max() / g.abs().max().clamp_min(1e-12)).item() for n, g in grads[1].items()}
     worst = max(errs, key=errs.get)
     err = ((outs[0] - outs[1]).abs().max() / outs[1].abs().max()).item()
-    print(f'== torch.compile(fullgraph=True) hgrn_deit_tiny fwd+bwd in {time.time() - t0:.0f}s: logits max rel. err '
-          f'{err:.2e}, parameter grads max rel. err {errs[worst]:.2e} ({worst}); graph breaks '
+    print(f'== torch.compile(fullgraph=True) hgrn_deit_tiny low_memory={low_memory} fwd+bwd in '
+          f'{time.time() - t0:.0f}s: logits max rel. err {err:.2e}, parameter grads max rel. err {errs[worst]:.2e} '
+          f'({worst}); graph breaks '
           f'{dict(counters["graph_break"])}')
 
 
@@ -355,7 +356,8 @@ if __name__ == '__main__':
         compare(what[1])
         sys.exit()
     commands = {  # run in this order, whatever the order asked
-        'stress': stress, 'check': check, 'compile': compile_model, 'host': host_overhead, 'onchip': onchip,
+        'stress': stress, 'check': check, 'compile': compile_model, 'compile_lm': lambda: compile_model(True),
+        'host': host_overhead, 'onchip': onchip,
         'normgate_tune': normgate_tune, 'normgate': normgate,
         'tune': lambda: tune(measure_copy_bandwidth(torch.device('cuda'))['copy_gbps'])}
     for name, command in commands.items():

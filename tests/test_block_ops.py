@@ -8,6 +8,7 @@ from timm.layers import GluMlp
 from torch import nn
 
 import hgrn_vision.ops.glu as glu
+import hgrn_vision.ops.norm_linear as nl
 from hgrn_vision.layers import SiluGluMlp
 from hgrn_vision.ops import layer_norm_linear, silu_glu_linear
 
@@ -41,11 +42,14 @@ def test_silu_glu_linear_matches_float64(lead, H, out):
     assert all(e < 1e-5 for e in errs.values()), errs
 
 
-def test_silu_glu_linear_tiles(monkeypatch):
-    """Several channel blocks and row tiles per program, a partial last tile; no bias, no in_bias."""
+@pytest.mark.parametrize('biases', [False, True])
+def test_silu_glu_linear_tiles(monkeypatch, biases):
+    """Several channel blocks and row tiles per program, a partial last tile; with and without the biases (in_bias's
+    gradient is the kernel's sums over all tiles)."""
     monkeypatch.setattr(glu, 'BWD_CFG', (4, 32, 1, 1))
-    errs = _errors((2, 19), 70, 3, bias=False, in_bias=False)
-    assert set(errs) == {'out', 'x', 'weight'} and all(e < 1e-5 for e in errs.values()), errs
+    errs = _errors((2, 19), 70, 3, bias=biases, in_bias=biases)
+    names = {'out', 'x', 'weight'} | ({'bias', 'in_bias'} if biases else set())
+    assert set(errs) == names and all(e < 1e-5 for e in errs.values()), errs
 
 
 @pytest.mark.parametrize('dtype,bound', [(torch.bfloat16, 2 * 2 ** -7), (torch.float16, 2 * 2 ** -10)])
@@ -102,6 +106,13 @@ def _ln_errors(lead, D, out, dtype=torch.float32, seed=0):
 @pytest.mark.parametrize('lead,D,out', [((1, 1), 3, 1), ((2, 7), 5, 3), ((3,), 130, 4), ((2, 3, 5), 7, 2)])
 def test_layer_norm_linear_matches_float64(lead, D, out):
     errs = _ln_errors(lead, D, out, seed=D)
+    assert all(e < 1e-5 for e in errs.values()), errs
+
+
+def test_layer_norm_linear_tiles(monkeypatch):
+    """Several row tiles per program and a partial last tile: the weight and bias sums span the program's tiles."""
+    monkeypatch.setattr(nl, 'BWD_CFG', (4, 1, 1))
+    errs = _ln_errors((2, 19), 70, 3, seed=2)
     assert all(e < 1e-5 for e in errs.values()), errs
 
 
