@@ -16,7 +16,7 @@ from timm.utils import ParseKwargs
 
 import hgrn_vision  # noqa: F401  (registers the hgrn_deit entries with timm)
 from hgrn_vision.benchmark import benchmark_models, benchmark_scan, parse_dtype, profile_models
-from hgrn_vision.benchmark.models import reference_models
+from hgrn_vision.benchmark.models import COMPILE_SETTINGS, check_compile_settings, reference_models
 
 
 def _shape(text: str) -> Tuple[int, int, int]:
@@ -49,8 +49,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="--models are (model, baseline) pairs: ratios are each pair's first over its second")
     p.add_argument('--resolutions', nargs='+', type=int, default=None, help='default 224 384 512 768 1024')
     p.add_argument('--modes', nargs='+', choices=('infer', 'train'), default=['infer', 'train'])
-    p.add_argument('--compile', nargs='+', choices=('eager', 'compiled'), default=None, dest='compile_modes',
-                   help='default both on CUDA, eager on the CPU')
+    p.add_argument('--compile', nargs='+', choices=COMPILE_SETTINGS, default=None, dest='compile_modes',
+                   help="default eager and compiled on CUDA, eager on the CPU; cudagraphs: torch.compile's "
+                        "mode='reduce-overhead' (CUDA graphs, CUDA only)")
     p.add_argument('--compile-res-infer', nargs='*', type=int, default=None,
                    help='resolutions at which compiled inference runs (default 224 1024)')
     p.add_argument('--compile-res-train', nargs='*', type=int, default=None,
@@ -104,6 +105,7 @@ def main(argv: Optional[List[str]] = None) -> dict:
     if args.command == 'models':
         try:
             reference_models(args.models, args.pairs)  # a bad pairing is a usage error, before anything runs
+            check_compile_settings(args.compile_modes or (), args.device)
         except ValueError as e:
             parser.error(str(e))
     name = args.name or args.command

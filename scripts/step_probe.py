@@ -38,10 +38,8 @@ def train_step(name: str, ckpt: str = 'none', mode: str = 'default', batch: int 
     elif ckpt != 'none':
         raise SystemExit(f'unknown checkpointing {ckpt!r}: use none, selective or full (e.g. hgrn_deit_small:none)')
     opt, x, y = prepare_step(model, 'train', batch, res, dev, {})
-    step = _make_step(torch.compile(model, dynamic=False, mode=mode), x, y, 'train', dev, torch.bfloat16, opt)
-    if mode == 'reduce-overhead':  # CUDA graphs: each step is a new generation of the graph trees' outputs
-        return lambda: (torch.compiler.cudagraph_mark_step_begin(), step())
-    return step
+    return _make_step(torch.compile(model, dynamic=False, mode=mode), x, y, 'train', dev, torch.bfloat16, opt,
+                      cudagraphs=mode == 'reduce-overhead')
 
 
 def probe(name: str, ckpt: str, tag: str, mode: str = 'default', batch: int = 256, res: int = 224,

@@ -169,3 +169,34 @@ def test_scan_failing_impl_is_a_row(tmp_path, monkeypatch):
     check = {r['impl']: r for r in out['check']}
     assert check['torch']['status'] == 'ok' and check['_forward_only']['out'] < 1e-5
     assert check['_broken']['status'].startswith('not run')
+
+
+def test_compile_settings(bench, capsys, monkeypatch):
+    """'cudagraphs' is torch.compile's mode 'reduce-overhead', each of its steps a new generation of the graph trees;
+    it needs CUDA, and asking for it elsewhere is a usage error before anything runs."""
+    from hgrn_vision.benchmark.models import _make_step, check_compile_settings, compile_model
+    with pytest.raises(SystemExit):
+        bench.main(['models', '--device', 'cpu', '--compile', 'cudagraphs', '--models', 'hgrn_deit_tiny'])
+    err = capsys.readouterr().err
+    assert "compile setting 'cudagraphs' needs a CUDA device (got cpu): use eager or compiled" in err
+    with pytest.raises(ValueError, match=r"unknown compile setting\(s\) \['graphs'\]: use eager, compiled, cudagraphs"):
+        check_compile_settings(['eager', 'graphs'], torch.device('cpu'))
+    check_compile_settings(['eager', 'compiled', 'cudagraphs'], torch.device('cuda'))
+
+    calls = []
+    monkeypatch.setattr(torch, 'compile', lambda model, **kw: calls.append(kw) or model)
+    model = torch.nn.Linear(3, 4)
+    assert compile_model(model, 'eager') is model and calls == []
+    compile_model(model, 'compiled')
+    compile_model(model, 'cudagraphs')
+    assert calls == [dict(dynamic=False, mode=None), dict(dynamic=False, mode='reduce-overhead')]
+
+    marks = []
+    monkeypatch.setattr(torch.compiler, 'cudagraph_mark_step_begin', lambda: marks.append(len(marks)))
+    x, y = torch.randn(2, 3), torch.tensor([0, 3])
+    for cudagraphs, expected in ((False, []), (True, [0, 1, 2])):
+        step = _make_step(model, x, y, 'train', torch.device('cpu'), None, cudagraphs=cudagraphs)
+        for _ in range(3):
+            step()
+        assert marks == expected and model.weight.grad is not None
+        model.zero_grad(set_to_none=True)

@@ -1,5 +1,8 @@
 """Whole-model benchmark: images/s of timm models side by side, inference and training, eager and compiled.
 
+Compile settings (`COMPILE_SETTINGS`): 'eager', 'compiled' (`torch.compile(dynamic=False)`) and 'cudagraphs' (the
+same in mode 'reduce-overhead': the steps replay CUDA graphs, so the host no longer launches each kernel; CUDA only).
+
 For every resolution, mode ('infer': forward under `no_grad`; 'train': forward, cross-entropy, backward and a fused
 AdamW step), compile setting and model, in that loop order so the models being compared run next to each other,
 one fresh model is created, warmed up and timed with CUDA events (median of many steps). Every model runs the
@@ -40,8 +43,11 @@ from .utils import (
     write_json,
 )
 
-__all__ = ['SCAN_FWD_OPS', 'SCAN_BWD_OPS', 'benchmark_models', 'batch_for', 'create_benchmark_model', 'count_flops',
-           'plot_models', 'MODEL_COLUMNS']
+__all__ = ['SCAN_FWD_OPS', 'SCAN_BWD_OPS', 'COMPILE_SETTINGS', 'benchmark_models', 'batch_for',
+           'check_compile_settings', 'compile_model', 'create_benchmark_model', 'count_flops', 'plot_models',
+           'MODEL_COLUMNS']
+
+COMPILE_SETTINGS = ('eager', 'compiled', 'cudagraphs')
 
 # Elementwise operations per (B, N, C) element of one bidirectional HGRU scan (the Triton kernel's work, which
 # FlopCounterMode cannot see). Forward, 38: silu of the complex input (2 x 4), lam = gamma + (1 - gamma) sigmoid(z)
@@ -109,19 +115,45 @@ def _autocast(device: torch.device, amp_dtype: Optional[torch.dtype]):
     return torch.autocast(device.type, dtype=amp_dtype) if amp_dtype is not None else nullcontext()
 
 
-def _make_step(model, x, y, mode: str, device: torch.device, amp_dtype, optimizer=None):
-    if mode == 'infer':
-        def step():
+def check_compile_settings(settings: Sequence[str], device: torch.device) -> None:
+    """A ValueError that says what to use instead for an unknown setting, or 'cudagraphs' off CUDA."""
+    unknown = [c for c in settings if c not in COMPILE_SETTINGS]
+    if unknown:
+        raise ValueError(f'unknown compile setting(s) {unknown}: use {", ".join(COMPILE_SETTINGS)}.')
+    if 'cudagraphs' in settings and torch.device(device).type != 'cuda':
+        raise ValueError(f"compile setting 'cudagraphs' needs a CUDA device (got {device}): use eager or compiled.")
+
+
+def compile_model(model: torch.nn.Module, setting: str) -> torch.nn.Module:
+    """`model` as compile `setting` runs it: itself ('eager'), `torch.compile(dynamic=False)` ('compiled') or that in
+    mode 'reduce-overhead' ('cudagraphs'; its steps must come from `_make_step(..., cudagraphs=True)`)."""
+    if setting == 'eager':
+        return model
+    return torch.compile(model, dynamic=False, mode='reduce-overhead' if setting == 'cudagraphs' else None)
+
+
+def _make_step(model, x, y, mode: str, device: torch.device, amp_dtype, optimizer=None, cudagraphs: bool = False):
+    """One benchmark step of `model` ('infer': forward under no_grad; 'train': forward, cross-entropy, backward and
+    the optimizer's step). `cudagraphs`: each step starts a new generation of the CUDA graph trees (their outputs of
+    the step before may be overwritten), as a training loop under mode 'reduce-overhead' must."""
+    def forward_backward():
+        if mode == 'infer':
             with torch.no_grad(), _autocast(device, amp_dtype):
                 model(x)
-    else:
-        def step():
-            with _autocast(device, amp_dtype):
-                loss = F.cross_entropy(model(x), y)
-            loss.backward()
-            if optimizer is not None:
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
+            return
+        with _autocast(device, amp_dtype):
+            loss = F.cross_entropy(model(x), y)
+        loss.backward()
+        if optimizer is not None:
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+
+    if not cudagraphs:
+        return forward_backward
+
+    def step():
+        torch.compiler.cudagraph_mark_step_begin()
+        forward_backward()
     return step
 
 
@@ -176,7 +208,7 @@ def count_flops(
 
 
 def _runs_at(compile_mode: str, mode: str, res: int, compile_res_infer, compile_res_train) -> bool:
-    if compile_mode != 'compiled':
+    if compile_mode == 'eager':
         return True
     wanted = compile_res_infer if mode == 'infer' else compile_res_train
     return wanted is None or res in wanted
@@ -197,7 +229,7 @@ def _run_one(
 ) -> Dict[str, Any]:
     row: Dict[str, Any] = dict(model=name, mode=mode, compile=compile_mode, res=res, batch=batch, status='ok')
     release_memory(device)
-    if compile_mode == 'compiled':
+    if compile_mode != 'eager':
         torch._dynamo.reset()
     model = optimizer = x = y = fn = None
     try:
@@ -211,8 +243,8 @@ def _run_one(
         row['gflops_per_img'] = flops_cache[key]['flops_per_img'] / 1e9
         row['scan_gops_per_img'] = flops_cache[key]['scan_ops_per_img'] / 1e9
         optimizer, x, y = prepare_step(model, mode, batch, res, device, model_kwargs, channels_last)
-        fn = torch.compile(model, dynamic=False) if compile_mode == 'compiled' else model
-        step = _make_step(fn, x, y, mode, device, amp_dtype, optimizer)
+        fn = compile_model(model, compile_mode)
+        step = _make_step(fn, x, y, mode, device, amp_dtype, optimizer, cudagraphs=compile_mode == 'cudagraphs')
 
         t0 = time.perf_counter()
         step()  # compiles when compiled; allocates the optimizer state
@@ -231,7 +263,9 @@ def _run_one(
         row.update(step_ms=ms, img_s=batch / ms * 1e3, iters=len(times))
         if device.type == 'cuda':
             peak = torch.cuda.max_memory_allocated(device)
-            row.update(peak_mem_gb=peak / 1e9, mem_per_img_mb=(peak - base) / batch / 1e6)
+            row['peak_mem_gb'] = peak / 1e9
+            if compile_mode != 'cudagraphs':  # the graphs' memory pool is allocated before the timed steps
+                row['mem_per_img_mb'] = (peak - base) / batch / 1e6
         row['tflops'] = row['gflops_per_img'] * row['img_s'] / 1e3
     except OOM_ERRORS:
         row['status'] = 'oom'
@@ -240,7 +274,7 @@ def _run_one(
         traceback.print_exc()
     finally:
         del model, optimizer, x, y, fn
-        if compile_mode == 'compiled':
+        if compile_mode != 'eager':
             torch._dynamo.reset()
         release_memory(device)
     return row
@@ -287,7 +321,7 @@ def plot_models(rows: Sequence[Dict[str, Any]], path: str, title: str = '') -> b
     fig, axes = plt.subplots(1, max(1, len(modes)), figsize=(6.5 * max(1, len(modes)), 4.8), squeeze=False)
     for ax, mode in zip(axes[0], modes):
         for i, name in enumerate(models):
-            for compile_mode, style in (('compiled', '-'), ('eager', '--')):
+            for compile_mode, style in (('cudagraphs', ':'), ('compiled', '-'), ('eager', '--')):
                 pts = sorted((r['res'], r['img_s']) for r in rows if r['model'] == name and r['mode'] == mode
                              and r['compile'] == compile_mode and r.get('img_s'))
                 if pts:
@@ -334,15 +368,18 @@ def benchmark_models(
 ) -> Dict[str, Any]:
     """Runs the model benchmark, prints the table, writes `<name>.csv`, `.json` and `.png` into `output_dir`.
 
-    Every argument left None takes the device's default (`GPU_DEFAULTS` / `CPU_DEFAULTS`). Compiled runs happen
-    only at `compile_res_infer` / `compile_res_train` (every resolution with `compile_all`), with `dynamic=False`.
+    Every argument left None takes the device's default (`GPU_DEFAULTS` / `CPU_DEFAULTS`). `compile_modes` are
+    `COMPILE_SETTINGS`; compiled runs ('compiled', 'cudagraphs') happen only at `compile_res_infer` /
+    `compile_res_train` (every resolution with `compile_all`), with `dynamic=False`. Under 'cudagraphs' the activation
+    memory is not reported (the graphs' pool is allocated before the timed steps).
     Returns `{'meta': ..., 'rows': [...]}` as written to the JSON file.
     """
-    refs = reference_models(models, pairs)  # before any run: a bad pairing fails at once
+    refs = reference_models(models, pairs)  # before any run: a bad pairing or setting fails at once
     dev = torch.device(device)
     d = GPU_DEFAULTS if dev.type == 'cuda' else CPU_DEFAULTS
     resolutions = list(resolutions or d['resolutions'])
     compile_modes = list(compile_modes or d['compile_modes'])
+    check_compile_settings(compile_modes, dev)
     compile_res_infer = None if compile_all else (d['compile_res_infer'] if compile_res_infer is None
                                                   else compile_res_infer)
     compile_res_train = None if compile_all else (d['compile_res_train'] if compile_res_train is None
