@@ -33,3 +33,21 @@ def test_kernels_write_only_their_outputs_and_nothing_is_copied():
     assert out.returncode == 0, out.stderr[-3000:]
     seen = dict(line.split(': ', 1) for line in out.stdout.splitlines())
     assert seen == EXPECTED, (seen, out.stderr[-3000:])
+
+
+def test_kernel_sass_script():
+    """`scripts/kernel_sass.py` (registers and per-loop SASS of a kernel for sm_90a, on the CPU) runs and finds the
+    LayerNorm backward's one loop over row tiles, with its loads, stores and no spills; an unknown name is refused."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = {**os.environ, 'TRITON_INTERPRET': '0', 'PYTHONPATH': root}
+    script = os.path.join(root, 'scripts', 'kernel_sass.py')
+    out = subprocess.run([sys.executable, script, '_layer_norm_bwd_kernel'], env=env, cwd=root, capture_output=True,
+                         text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    lines = out.stdout.splitlines()
+    assert '0 bytes spill stores' in lines[1] and 'registers' in lines[1], lines
+    loop = [x for x in lines if x.lstrip().startswith('loop ')]
+    assert len(loop) == 1 and ' LDG 0,' not in loop[0] and ' STG 0,' not in loop[0], lines
+    bad = subprocess.run([sys.executable, script, 'no_such_kernel'], env=env, cwd=root, capture_output=True,
+                         text=True, timeout=600)
+    assert bad.returncode != 0 and "unknown kernel 'no_such_kernel'" in bad.stderr
