@@ -98,6 +98,19 @@ def test_dispatch_keeps_dtype(dtype):
         assert rel_err(out, bihgru_scan_reference(*[t.double() for t in inputs])) < 2e-2
 
 
+def test_default_impl_keeps_float64_exact():
+    """impl=None: the Triton kernels for CUDA tensors, but not for float64 ones, which they would compute in float32
+    (1e-7 off the reference in the interpreter, where the PyTorch scan is exact to 1e-16); 'torch' off CUDA."""
+    from types import SimpleNamespace
+
+    from hgrn_vision.ops import available_impls, default_impl
+    on_cuda = 'triton' if 'triton' in available_impls() else 'torch'
+    assert default_impl(SimpleNamespace(is_cuda=True, dtype=torch.float32)) == on_cuda
+    assert default_impl(SimpleNamespace(is_cuda=True, dtype=torch.bfloat16)) == on_cuda
+    assert default_impl(SimpleNamespace(is_cuda=True, dtype=torch.float64)) == 'torch'
+    assert default_impl(torch.zeros(1)) == 'torch'
+
+
 def test_noncontiguous_inputs():
     u, z, gamma, tf, tr = make_scan_inputs(3, 11, 6, dtype=torch.float32)
     # views into a larger fused projection, as the mixer passes them

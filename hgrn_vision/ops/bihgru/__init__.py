@@ -11,8 +11,9 @@ Given the raw projections of a token sequence, `u` (B, N, 2C) from `input_proj` 
     h_t   = hf_t + hr_t
     out   = cat([Re h, Im h], -1)                                                               (B, N, 2C)
 
-Both directions use the gate of position t. The state is kept in float32 (float64 for float64 inputs)
-whatever the input dtype; the output has the dtype of `u`.
+Both directions use the gate of position t. The state is kept in float32 whatever the input dtype, but for
+float64 inputs in the PyTorch implementations, which compute in float64 (`impl=None` picks them for float64); the
+output has the dtype of `u`.
 
 Implementations (`impl=`):
   'reference'  step-by-step loop (`naive.py`): the ground truth, float64-capable, TorchScript-able, slow.
@@ -57,8 +58,9 @@ def available_impls():
 
 
 def default_impl(x: torch.Tensor) -> str:
-    """The implementation `impl=None` picks for a tensor on this device."""
-    if x.is_cuda and 'triton' in _IMPLS:
+    """The implementation `impl=None` picks for a tensor: 'triton' on CUDA, but 'torch' for float64 (the Triton
+    kernels compute in float32 whatever the input dtype) and everywhere else."""
+    if x.is_cuda and x.dtype != torch.float64 and 'triton' in _IMPLS:
         return 'triton'
     return 'torch'
 
