@@ -33,6 +33,22 @@ BWD_CFG = (8, 128, 2, 16)
 
 
 @triton.jit
+def _offsets(rows, cols, cmask, M, H):
+    """Offsets of the row tile `rows` x `cols` into x (M, 2H) and into dp and p (M, H), and its mask. No pointers
+    in: torch.compile's mutation analysis takes a pointer passed to a helper as written when a store address
+    derives from the helper's result."""
+    r = rows.to(tl.int64)[:, None]
+    return r * (2 * H) + cols[None, :], r * H + cols[None, :], (rows < M)[:, None] & cmask[None, :]
+
+
+@triton.jit
+def _load_tile(x_ptr, dp_ptr, ox, op, m, H):
+    """Both halves of x and dp at a tile's offsets, as stored (zeros outside the mask)."""
+    return (tl.load(x_ptr + ox, mask=m, other=0.), tl.load(x_ptr + ox + H, mask=m, other=0.),
+            tl.load(dp_ptr + op, mask=m, other=0.))
+
+
+@triton.jit
 def _silu_glu_bwd_kernel(x_ptr, dp_ptr, dx_ptr, p_ptr, part_ptr, M, H, n_tiles,
                          ROWS: tl.constexpr, BLOCK_H: tl.constexpr):
     """Channels [pid0 BLOCK_H, +BLOCK_H) of both halves over row tiles pid1, pid1 + programs, ... of contiguous
@@ -41,23 +57,15 @@ def _silu_glu_bwd_kernel(x_ptr, dp_ptr, dx_ptr, p_ptr, part_ptr, M, H, n_tiles,
     it), and the sums stay per element until the end (no reduction across threads in the loop)."""
     cols = tl.program_id(0) * BLOCK_H + tl.arange(0, BLOCK_H)
     cmask = cols < H
-    step = tl.num_programs(1)
+    step = tl.num_programs(1) * ROWS
     sa = tl.zeros([ROWS, BLOCK_H], dtype=tl.float32)
     sb = tl.zeros([ROWS, BLOCK_H], dtype=tl.float32)
     rows = tl.program_id(1) * ROWS + tl.arange(0, ROWS)
-    m = (rows < M)[:, None] & cmask[None, :]
-    ox = rows.to(tl.int64)[:, None] * (2 * H) + cols[None, :]
-    a = tl.load(x_ptr + ox, mask=m, other=0.)
-    b = tl.load(x_ptr + ox + H, mask=m, other=0.)
-    dp = tl.load(dp_ptr + rows.to(tl.int64)[:, None] * H + cols[None, :], mask=m, other=0.)
-    for _ in range(tl.program_id(1), n_tiles, step):
-        op = rows.to(tl.int64)[:, None] * H + cols[None, :]
-        nrows = rows + step * ROWS  # the next tile (all masked after the last)
-        nm = (nrows < M)[:, None] & cmask[None, :]
-        nox = nrows.to(tl.int64)[:, None] * (2 * H) + cols[None, :]
-        na = tl.load(x_ptr + nox, mask=nm, other=0.)
-        nb = tl.load(x_ptr + nox + H, mask=nm, other=0.)
-        ndp = tl.load(dp_ptr + nrows.to(tl.int64)[:, None] * H + cols[None, :], mask=nm, other=0.)
+    ox, op, m = _offsets(rows, cols, cmask, M, H)
+    a, b, dp = _load_tile(x_ptr, dp_ptr, ox, op, m, H)
+    for _ in range(tl.program_id(1), n_tiles, tl.num_programs(1)):
+        nox, nop, nm = _offsets(rows + step, cols, cmask, M, H)  # the next tile (all masked after the last)
+        nxt = _load_tile(x_ptr, dp_ptr, nox, nop, nm, H)
         af, bf, dpf = a.to(tl.float32), b.to(tl.float32), dp.to(tl.float32)
         s = _sigmoid(af)
         silu = af * s
@@ -68,7 +76,8 @@ def _silu_glu_bwd_kernel(x_ptr, dp_ptr, dx_ptr, p_ptr, part_ptr, M, H, n_tiles,
         tl.store(p_ptr + op, (silu * bf).to(p_ptr.dtype.element_ty), mask=m)
         sa += da  # masked elements are 0
         sb += db
-        a, b, dp, rows, m, ox = na, nb, ndp, nrows, nm, nox
+        a, b, dp = nxt
+        rows, ox, op, m = rows + step, nox, nop, nm
     pp = part_ptr + tl.program_id(1) * 2 * H + cols
     tl.store(pp, tl.sum(sa, axis=0), mask=cmask)
     tl.store(pp + H, tl.sum(sb, axis=0), mask=cmask)
