@@ -17,13 +17,13 @@ import timm
 import torch
 import triton
 import triton.testing
+from step_probe import train_step  # scripts/ is on sys.path when run as a script
 from torch.profiler import ProfilerActivity, profile
 
 import hgrn_vision  # noqa: F401
 import hgrn_vision.ops.glu as glu
 import hgrn_vision.ops.norm_linear as nl
 from hgrn_vision.benchmark import rel_err
-from hgrn_vision.benchmark.models import _make_step, create_benchmark_model, prepare_step
 from hgrn_vision.ops import layer_norm_linear, silu_glu_linear
 
 dev = 'cuda'
@@ -104,10 +104,7 @@ def tune():
 
 def _kernel_times(low_memory, steps=5):
     """ms a step per kernel name of compiled hgrn_deit_small training at 224, B=256, bf16 autocast."""
-    torch._dynamo.reset()
-    model = create_benchmark_model('hgrn_deit_small', 224, low_memory=low_memory).to(dev)
-    opt, x, y = prepare_step(model, 'train', 256, 224, torch.device(dev), {})
-    step = _make_step(torch.compile(model), x, y, 'train', torch.device(dev), torch.bfloat16, opt)
+    step = train_step('hgrn_deit_small', low_memory=low_memory)
     for _ in range(5):
         step()
     torch.cuda.synchronize()

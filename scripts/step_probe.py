@@ -25,19 +25,20 @@ import hgrn_vision  # noqa: E402,F401  (registers the models)
 from hgrn_vision.benchmark.models import _make_step, create_benchmark_model, prepare_step  # noqa: E402
 
 
-def train_step(name: str, ckpt: str = 'none', mode: str = 'default', batch: int = 256, res: int = 224):
-    """A compiled training step of timm model `name` on the GPU (bf16 autocast, fused AdamW), as a callable, with the
-    blocks under `ckpt` checkpointing and torch.compile's `mode`."""
+def train_step(name: str, ckpt: str = 'none', mode: str = 'default', batch: int = 256, res: int = 224,
+               **model_kwargs):
+    """A compiled training step of timm model `name` (created with `model_kwargs`) on the GPU (bf16 autocast, fused
+    AdamW), as a callable, with the blocks under `ckpt` checkpointing and torch.compile's `mode`."""
     torch._dynamo.reset()
     dev = torch.device('cuda')
-    model = create_benchmark_model(name, res).to(dev)
+    model = create_benchmark_model(name, res, **model_kwargs).to(dev)
     if ckpt == 'selective':
         _checkpoint_blocks(model)
     elif ckpt == 'full':
         model.set_grad_checkpointing(True)
     elif ckpt != 'none':
         raise SystemExit(f'unknown checkpointing {ckpt!r}: use none, selective or full (e.g. hgrn_deit_small:none)')
-    opt, x, y = prepare_step(model, 'train', batch, res, dev, {})
+    opt, x, y = prepare_step(model, 'train', batch, res, dev, model_kwargs)
     return _make_step(torch.compile(model, dynamic=False, mode=mode), x, y, 'train', dev, torch.bfloat16, opt,
                       cudagraphs=mode == 'reduce-overhead')
 

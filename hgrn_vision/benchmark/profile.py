@@ -14,7 +14,7 @@ from typing import Any, Dict, List, Optional, Sequence
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from .models import _make_step, create_benchmark_model, prepare_step
+from .models import _make_step, compile_model, create_benchmark_model, prepare_step
 from .utils import Column, environment, format_table, release_memory, write_csv, write_json
 
 __all__ = ['CATEGORIES', 'categorize', 'profile_models']
@@ -79,8 +79,7 @@ def profile_one(
     torch._dynamo.reset()
     model = create_benchmark_model(name, res, **model_kwargs).to(device)
     optimizer, x, y = prepare_step(model, mode, batch, res, device, model_kwargs)
-    fn = torch.compile(model, dynamic=False) if compile_mode == 'compiled' else model
-    step = _make_step(fn, x, y, mode, device, amp_dtype, optimizer)
+    step = _make_step(compile_model(model, compile_mode), x, y, mode, device, amp_dtype, optimizer)
     for _ in range(warmup + 1):
         step()
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == 'cuda' else [])
@@ -103,7 +102,7 @@ def profile_one(
             pct=100 * ms * steps / total, top='; '.join(f'{k[:60]} {v:.3f}' for k, v in largest)))
     rows.append(dict(model=name, mode=mode, compile=compile_mode, res=res, batch=batch, category='total',
                      ms_per_step=total / steps, pct=100., top=''))
-    del model, optimizer, x, y, fn, step
+    del model, optimizer, x, y, step
     torch._dynamo.reset()
     release_memory(device)
     return rows
