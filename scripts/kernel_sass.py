@@ -40,9 +40,10 @@ _NG_WARPS = max(ng.BWD_CFG[1], 1024 // ng.BWD_CHANNELS_PER_WARP)
 # name: (kernel, pointer / float types, constexprs, warps) at the 16-bit configs and the small model's widths
 KERNELS = {
     '_bihgru_fwd_kernel': (fz._bihgru_fwd_kernel, _SCAN, dict(BLOCK_C=fz.FWD_CFG[2][0], UNROLL=fz.GROUP,
-                                                               SUMMARY=False), fz.FWD_CFG[2][1]),
+                                                               SUMMARY=False, EVEN=True), fz.FWD_CFG[2][1]),
     '_bihgru_bwd_kernel': (fz._bihgru_bwd_kernel, _SCAN, dict(BLOCK_C=fz.BWD_CFG[2][0], UNROLL=fz.GROUP,
-                                                               SUMMARY=False, DZ_IN_DU=True), fz.BWD_CFG[2][1]),
+                                                               SUMMARY=False, DZ_IN_DU=True, EVEN=True),
+                           fz.BWD_CFG[2][1]),
     '_norm_gate_fwd_kernel': (ng._norm_gate_fwd_kernel, _ROWS, dict(BLOCK_D=1024, ROWS=ng.FWD_CFG[0]), ng.FWD_CFG[1]),
     '_norm_gate_bwd_kernel': (ng._norm_gate_bwd_kernel, _ROWS, dict(BLOCK_D=1024, ROWS=ng.BWD_CFG[0], WRITE_Y=False),
                               _NG_WARPS),

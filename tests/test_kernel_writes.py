@@ -10,11 +10,13 @@ import sys
 
 EXPECTED = {
     '_bihgru_fwd_kernel': 'out_ptr scr_ptr',
+    '_bihgru_fwd_kernel EVEN': 'out_ptr scr_ptr',
     '_bihgru_fwd_kernel SUMMARY': 'sum_ptr',
     '_bihgru_fwd_onchip_kernel': 'out_ptr',
     '_bihgru_bwd_kernel': 'du_ptr dz_ptr part_ptr scr_ptr',
     '_bihgru_bwd_kernel SUMMARY': 'sum_ptr',
     '_bihgru_bwd_kernel DZ_IN_DU': 'du_ptr part_ptr scr_ptr',
+    '_bihgru_bwd_kernel DZ_IN_DU EVEN': 'du_ptr part_ptr scr_ptr',
     '_norm_gate_fwd_kernel': 'y_ptr',
     '_norm_gate_bwd_kernel': 'dh_ptr dx_ptr part_ptr',
     '_norm_gate_bwd_kernel WRITE_Y': 'dh_ptr dx_ptr part_ptr y_ptr',

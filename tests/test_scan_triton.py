@@ -97,6 +97,23 @@ def test_triton_chunked_two_level_scan(monkeypatch):
     assert all(e < 1e-5 for e in errs.values()), errs
 
 
+@pytest.mark.parametrize('dtype,N,min_chunk',
+                         [(torch.float32, 8, 64), (torch.float32, 16, 4), (torch.bfloat16, 12, 64)])
+def test_triton_even_launches(dtype, N, min_chunk, monkeypatch):
+    """Whole channel blocks and whole groups of rows: both two-sweep kernels run without masks (EVEN), also with the
+    sequence split into chunks; the same results as the masked kernels' bound."""
+    monkeypatch.setattr(fused, 'MIN_CHUNK', min_chunk)
+    monkeypatch.setattr(fused, 'ONCHIP_MAX_N', 0)
+    size = 4 if dtype == torch.float32 else 2
+    B, C = 2, 2 * fused.FWD_CFG[size][0]
+    assert fused._even(N, C, fused.FWD_CFG[size][0]) and fused._even(N, C, fused.BWD_CFG[size][0])
+    assert not fused._even(N + 2, C, fused.FWD_CFG[size][0]) and not fused._even(N, C + 1, fused.FWD_CFG[size][0])
+    n_chunks = fused._chunks(B, N, C, torch.device('cpu'), fused.BWD_CFG[size])[1]
+    assert (n_chunks > 1) == (min_chunk == 4)
+    errs = _errors(make_scan_inputs(B, N, C, dtype=dtype, seed=N, requires_grad=True))
+    assert all(e < BOUND[dtype] for e in errs.values()), errs
+
+
 @pytest.mark.parametrize('dtype', [torch.bfloat16, torch.float16])
 def test_triton_half_inputs(dtype, fwd_kernel):
     u, z, gamma, tf, tr = make_scan_inputs(2, 9, 5, dtype=torch.float32, seed=5)

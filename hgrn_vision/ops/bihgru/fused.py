@@ -114,6 +114,34 @@ def _channels(gamma_ptr, tf_ptr, tr_ptr, cs, cmask):
 
 
 @triton.jit
+def _channel_mask(cs, C, EVEN: tl.constexpr):
+    """cs < C; a constant where the launch guarantees it (EVEN), so that the masks built on it fold away."""
+    if EVEN:
+        return tl.full(cs.shape, True, tl.int1)
+    else:
+        return cs < C
+
+
+@triton.jit
+def _before(t, t1, EVEN: tl.constexpr):
+    """t < t1 (row t inside its chunk); True where the launch guarantees it (EVEN: every chunk a whole number of
+    groups), so that full groups carry no row masks: 10% of the backward's instructions (scripts/kernel_sass.py)."""
+    if EVEN:
+        return True
+    else:
+        return t < t1
+
+
+@triton.jit
+def _tile_mask(rows, t1, cmask, EVEN: tl.constexpr):
+    """The (rows, channels) mask of a group's output tile."""
+    if EVEN:
+        return tl.full([rows.shape[0], cmask.shape[0]], True, tl.int1)
+    else:
+        return (rows < t1)[:, None] & cmask[None, :]
+
+
+@triton.jit
 def _load_row(u_ptr, z_ptr, cs, m):
     """z, Re u, Im u of one token row of BLOCK_C channels (channel stride 1) in fp32; 0 outside the mask."""
     z = tl.load(z_ptr + cs, mask=m, other=0.).to(tl.float32)
@@ -123,21 +151,21 @@ def _load_row(u_ptr, z_ptr, cs, m):
 
 
 @triton.jit
-def _load_group(ub, zb, s_un, s_zn, cs, m, g, t1):
+def _load_group(ub, zb, s_un, s_zn, cs, m, g, t1, EVEN: tl.constexpr):
     """`_load_row` of the 4 rows from g, as a tuple of 4 rows; rows at or past t1 (all where m is false) read as 0."""
-    return (_load_row(ub + g * s_un, zb + g * s_zn, cs, m & (g < t1)),
-            _load_row(ub + (g + 1) * s_un, zb + (g + 1) * s_zn, cs, m & (g + 1 < t1)),
-            _load_row(ub + (g + 2) * s_un, zb + (g + 2) * s_zn, cs, m & (g + 2 < t1)),
-            _load_row(ub + (g + 3) * s_un, zb + (g + 3) * s_zn, cs, m & (g + 3 < t1)))
+    return (_load_row(ub + g * s_un, zb + g * s_zn, cs, m & _before(g, t1, EVEN)),
+            _load_row(ub + (g + 1) * s_un, zb + (g + 1) * s_zn, cs, m & _before(g + 1, t1, EVEN)),
+            _load_row(ub + (g + 2) * s_un, zb + (g + 2) * s_zn, cs, m & _before(g + 2, t1, EVEN)),
+            _load_row(ub + (g + 3) * s_un, zb + (g + 3) * s_zn, cs, m & _before(g + 3, t1, EVEN)))
 
 
 @triton.jit
-def _load_dout_group(db, s_dn, cs, C, m, g, t1):
+def _load_dout_group(db, s_dn, cs, C, m, g, t1, EVEN: tl.constexpr):
     """`_load_complex` of dout's 4 rows from g (Re g, Im g per row), as `_load_group` does for u and z."""
-    return (_load_complex(db + g * s_dn + cs, C, m & (g < t1)),
-            _load_complex(db + (g + 1) * s_dn + cs, C, m & (g + 1 < t1)),
-            _load_complex(db + (g + 2) * s_dn + cs, C, m & (g + 2 < t1)),
-            _load_complex(db + (g + 3) * s_dn + cs, C, m & (g + 3 < t1)))
+    return (_load_complex(db + g * s_dn + cs, C, m & _before(g, t1, EVEN)),
+            _load_complex(db + (g + 1) * s_dn + cs, C, m & _before(g + 1, t1, EVEN)),
+            _load_complex(db + (g + 2) * s_dn + cs, C, m & _before(g + 2, t1, EVEN)),
+            _load_complex(db + (g + 3) * s_dn + cs, C, m & _before(g + 3, t1, EVEN)))
 
 
 @triton.jit
@@ -207,18 +235,19 @@ def _bihgru_fwd_kernel(
         u_ptr, z_ptr, gamma_ptr, tf_ptr, tr_ptr, out_ptr, sum_ptr, scr_ptr,
         N, C, n_chunks, chunk_len,
         s_ub, s_un, s_zb, s_zn, s_ob, s_on, s_sb, s_sk, s_ss, s_xb, s_xn,
-        BLOCK_C: tl.constexpr, UNROLL: tl.constexpr, SUMMARY: tl.constexpr,
+        BLOCK_C: tl.constexpr, UNROLL: tl.constexpr, SUMMARY: tl.constexpr, EVEN: tl.constexpr,
 ):
     """Token by token, BLOCK_C channels wide: a forward sweep writes hf, a reverse sweep adds hr (rows still cached).
 
     SUMMARY: write the chunk's (A, b) per direction instead. Loads are unrolled UNROLL rows deep so they overlap.
+    EVEN: C is a multiple of BLOCK_C and every chunk a whole number of groups (`_even`): no masks.
     """
     b, k = tl.program_id(1).to(tl.int64), tl.program_id(2)
     cs = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
-    cmask = cs < C
+    cmask = _channel_mask(cs, C, EVEN)
     gamma, cf, sf, cr_, sr_ = _channels(gamma_ptr, tf_ptr, tr_ptr, cs, cmask)
     ub, zb, ob = u_ptr + b * s_ub, z_ptr + b * s_zb, out_ptr + b * s_ob
-    cl = tl.where(cmask, cs, 0)  # not provably contiguous: tiles keep one column per thread, no vectorised split
+    cl = tl.where(cs < C, cs, 0)  # not provably contiguous: tiles keep one column per thread, no vectorised split
     ridx = tl.arange(0, UNROLL)
     tile0 = tl.zeros([UNROLL, BLOCK_C], tl.float32)
     t0 = k * chunk_len
@@ -230,7 +259,7 @@ def _bihgru_fwd_kernel(
         for g in range(t0, t1, UNROLL):
             for r in tl.static_range(UNROLL):
                 t = g + r
-                m = cmask & (t < t1)
+                m = cmask & _before(t, t1, EVEN)
                 lam, vr, vi = _row_gates(ub + t * s_un, zb + t * s_zn, cs, m, gamma)
                 afr_t, afi_t, hfr, hfi, arr_t, ari_t, hrr, hri = _state_maps(
                     m, lam, vr, vi, cf, sf, cr_, sr_, afr_t, afi_t, hfr, hfi, arr_t, ari_t, hrr, hri)
@@ -246,7 +275,7 @@ def _bihgru_fwd_kernel(
             tl.store(x, hr_, mask=cmask)
             tl.store(x + C, hi_, mask=cmask)
             for r in tl.static_range(4):
-                m = cmask & (g + r < t1)
+                m = cmask & _before(g + r, t1, EVEN)
                 lam, vr, vi = _row_gates(ub + (g + r) * s_un, zb + (g + r) * s_zn, cs, m, gamma)
                 hr_, hi_ = _step(hr_, hi_, lam, vr, vi, cf, sf)
         tl.debug_barrier()  # the reverse sweep reads the stash just written: order those stores before its loads
@@ -258,7 +287,8 @@ def _bihgru_fwd_kernel(
             g = t0 + (n_groups - 1 - j) * 4
             x = scr_ptr + b * s_xb + (g // 4) * s_xn + cs
             fr, fi = tl.load(x, mask=cmask, other=0.), tl.load(x + C, mask=cmask, other=0.)
-            m0, m1, m2, m3 = cmask & (g < t1), cmask & (g + 1 < t1), cmask & (g + 2 < t1), cmask & (g + 3 < t1)
+            m0, m1 = cmask & _before(g, t1, EVEN), cmask & _before(g + 1, t1, EVEN)
+            m2, m3 = cmask & _before(g + 2, t1, EVEN), cmask & _before(g + 3, t1, EVEN)
             l0, vr0, vi0 = _row_gates(ub + g * s_un, zb + g * s_zn, cs, m0, gamma)
             l1, vr1, vi1 = _row_gates(ub + (g + 1) * s_un, zb + (g + 1) * s_zn, cs, m1, gamma)
             l2, vr2, vi2 = _row_gates(ub + (g + 2) * s_un, zb + (g + 2) * s_zn, cs, m2, gamma)
@@ -277,7 +307,7 @@ def _bihgru_fwd_kernel(
             hr_, hi_ = _step(hr_, hi_, l0, vr0, vi0, cr_, sr_)
             o_r, o_i = _put(o_r, ridx, 0, fr0 + hr_), _put(o_i, ridx, 0, fi0 + hi_)
             rows = g + ridx
-            mt = (rows < t1)[:, None] & cmask[None, :]
+            mt = _tile_mask(rows, t1, cmask, EVEN)
             o = ob + rows[:, None] * s_on + cl[None, :]
             tl.store(o, o_r.to(out_ptr.dtype.element_ty), mask=mt)
             tl.store(o + C, o_i.to(out_ptr.dtype.element_ty), mask=mt)
@@ -366,6 +396,7 @@ def _bihgru_bwd_kernel(
         N, C, n_chunks, chunk_len,
         s_ub, s_un, s_zb, s_zn, s_db, s_dn, s_gb, s_gn, s_hb, s_hn, s_sb, s_sk, s_ss, s_pb, s_pk, s_ps, s_xb, s_xn,
         BLOCK_C: tl.constexpr, UNROLL: tl.constexpr, SUMMARY: tl.constexpr, DZ_IN_DU: tl.constexpr,
+        EVEN: tl.constexpr,
 ):
     """Backward, token by token. A forward sweep runs hf and the reverse adjoint dr and stashes their values entering
     each group of 4 rows; a reverse sweep recomputes them inside each group and runs hr and the forward adjoint df
@@ -373,14 +404,14 @@ def _bihgru_bwd_kernel(
 
     SUMMARY: write the chunk's maps of the four recurrences (hf, hr, df, dr) instead. DZ_IN_DU: du_ptr is one
     gradient buffer whose rows hold du in columns [0, 2C) and dz in [2C, 3C) (dz_ptr unused), passed whole because
-    torch.compile copies a view that a kernel writes and scatters it back into its base.
+    torch.compile copies a view that a kernel writes and scatters it back into its base. EVEN: as in the forward.
     """
     b, k = tl.program_id(1).to(tl.int64), tl.program_id(2)
     cs = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
-    cmask = cs < C
+    cmask = _channel_mask(cs, C, EVEN)
     gamma, cf, sf, cr_, sr_ = _channels(gamma_ptr, tf_ptr, tr_ptr, cs, cmask)
     ub, zb, db = u_ptr + b * s_ub, z_ptr + b * s_zb, do_ptr + b * s_db
-    cl = tl.where(cmask, cs, 0)
+    cl = tl.where(cs < C, cs, 0)
     ridx = tl.arange(0, UNROLL)
     tile0 = tl.zeros([UNROLL, BLOCK_C], tl.float32)
     t0 = k * chunk_len
@@ -401,7 +432,7 @@ def _bihgru_bwd_kernel(
         for g in range(t0, t1, UNROLL):
             for r in tl.static_range(UNROLL):
                 t = g + r
-                m = cmask & (t < t1)
+                m = cmask & _before(t, t1, EVEN)
                 lam, vr, vi = _row_gates(ub + t * s_un, zb + t * s_zn, cs, m, gamma)
                 gr, gi = _load_complex(db + t * s_dn + cs, C, m)
                 Afr, Afi, Hfr, Hfi, Arr, Ari, Hrr, Hri = _state_maps(
@@ -428,16 +459,16 @@ def _bihgru_bwd_kernel(
         hr_, hi_ = _fold_carries(sp, s_sk, s_ss, cs, cmask, k, n_chunks, 0, True)
         er, ei = _fold_carries(sp, s_sk, s_ss, cs, cmask, k, n_chunks, 12, True)
         lam_prev = lam_before
-        rows = _load_group(ub, zb, s_un, s_zn, cs, cmask, t0, t1)
-        grows = _load_dout_group(db, s_dn, cs, C, cmask, t0, t1)
+        rows = _load_group(ub, zb, s_un, s_zn, cs, cmask, t0, t1, EVEN)
+        grows = _load_dout_group(db, s_dn, cs, C, cmask, t0, t1, EVEN)
         for g in range(t0, t1, 4):
-            nxt = _load_group(ub, zb, s_un, s_zn, cs, cmask, g + 4, t1)  # in flight while this group computes
-            gnxt = _load_dout_group(db, s_dn, cs, C, cmask, g + 4, t1)
+            nxt = _load_group(ub, zb, s_un, s_zn, cs, cmask, g + 4, t1, False)  # in flight while this group computes
+            gnxt = _load_dout_group(db, s_dn, cs, C, cmask, g + 4, t1, False)
             x = scr_ptr + b * s_xb + (g // 4) * s_xn + cs
             _store_map(x, C, 0, cmask, hr_, hi_, er, ei)
             tl.store(x + 4 * C, lam_prev, mask=cmask)
             for r in tl.static_range(4):
-                _, carry = _fwd_row(rows[r], grows[r], gamma, cf, sf, cr_, sr_, cmask & (g + r < t1),
+                _, carry = _fwd_row(rows[r], grows[r], gamma, cf, sf, cr_, sr_, cmask & _before(g + r, t1, EVEN),
                                     (hr_, hi_, er, ei, lam_prev))
                 hr_, hi_, er, ei, lam_prev = carry
             rows, grows = nxt, gnxt
@@ -451,34 +482,34 @@ def _bihgru_bwd_kernel(
         sz, sur, sui = zero, zero, zero  # sums of dz, Re du, Im du over the chunk's tokens
         n_groups = tl.cdiv(t1 - t0, 4)
         g = t0 + (n_groups - 1) * 4
-        rows = _load_group(ub, zb, s_un, s_zn, cs, cmask, g, t1)
-        grows = _load_dout_group(db, s_dn, cs, C, cmask, g, t1)
+        rows = _load_group(ub, zb, s_un, s_zn, cs, cmask, g, t1, EVEN)
+        grows = _load_dout_group(db, s_dn, cs, C, cmask, g, t1, EVEN)
         x = scr_ptr + b * s_xb + (g // 4) * s_xn + cs
         stash = _load_stash(x, C, cmask)
         for j in range(0, n_groups):
             g = t0 + (n_groups - 1 - j) * 4
             mn = cmask & (j + 1 < n_groups)  # the group before this one, loaded a group ahead
-            nxt = _load_group(ub, zb, s_un, s_zn, cs, mn, g - 4, t1)
-            gnxt = _load_dout_group(db, s_dn, cs, C, mn, g - 4, t1)
+            nxt = _load_group(ub, zb, s_un, s_zn, cs, mn, g - 4, t1, EVEN)
+            gnxt = _load_dout_group(db, s_dn, cs, C, mn, g - 4, t1, EVEN)
             x = scr_ptr + b * s_xb + (g // 4 - 1) * s_xn + cs
             snxt = _load_stash(x, C, mn)
-            row0, carry = _fwd_row(rows[0], grows[0], gamma, cf, sf, cr_, sr_, cmask & (g < t1), stash)
-            row1, carry = _fwd_row(rows[1], grows[1], gamma, cf, sf, cr_, sr_, cmask & (g + 1 < t1), carry)
-            row2, carry = _fwd_row(rows[2], grows[2], gamma, cf, sf, cr_, sr_, cmask & (g + 2 < t1), carry)
-            row3, carry = _fwd_row(rows[3], grows[3], gamma, cf, sf, cr_, sr_, cmask & (g + 3 < t1), carry)
+            row0, carry = _fwd_row(rows[0], grows[0], gamma, cf, sf, cr_, sr_, cmask & _before(g, t1, EVEN), stash)
+            row1, carry = _fwd_row(rows[1], grows[1], gamma, cf, sf, cr_, sr_, cmask & _before(g + 1, t1, EVEN), carry)
+            row2, carry = _fwd_row(rows[2], grows[2], gamma, cf, sf, cr_, sr_, cmask & _before(g + 2, t1, EVEN), carry)
+            row3, carry = _fwd_row(rows[3], grows[3], gamma, cf, sf, cr_, sr_, cmask & _before(g + 3, t1, EVEN), carry)
             dz_t, dur_t, dui_t = tile0, tile0, tile0
             st = (hr_, hi_, fr, fi, lam_next, dgam, dthf, dthr)
-            st, d = _grad_row(st, row3, g + 3, t1, cmask, gamma, cf, sf, cr_, sr_)
+            st, d = _grad_row(st, row3, g + 3, t1, cmask, gamma, cf, sf, cr_, sr_, EVEN)
             dz_t, dur_t, dui_t = _put(dz_t, ridx, 3, d[0]), _put(dur_t, ridx, 3, d[1]), _put(dui_t, ridx, 3, d[2])
-            st, d = _grad_row(st, row2, g + 2, t1, cmask, gamma, cf, sf, cr_, sr_)
+            st, d = _grad_row(st, row2, g + 2, t1, cmask, gamma, cf, sf, cr_, sr_, EVEN)
             dz_t, dur_t, dui_t = _put(dz_t, ridx, 2, d[0]), _put(dur_t, ridx, 2, d[1]), _put(dui_t, ridx, 2, d[2])
-            st, d = _grad_row(st, row1, g + 1, t1, cmask, gamma, cf, sf, cr_, sr_)
+            st, d = _grad_row(st, row1, g + 1, t1, cmask, gamma, cf, sf, cr_, sr_, EVEN)
             dz_t, dur_t, dui_t = _put(dz_t, ridx, 1, d[0]), _put(dur_t, ridx, 1, d[1]), _put(dui_t, ridx, 1, d[2])
-            st, d = _grad_row(st, row0, g, t1, cmask, gamma, cf, sf, cr_, sr_)
+            st, d = _grad_row(st, row0, g, t1, cmask, gamma, cf, sf, cr_, sr_, EVEN)
             dz_t, dur_t, dui_t = _put(dz_t, ridx, 0, d[0]), _put(dur_t, ridx, 0, d[1]), _put(dui_t, ridx, 0, d[2])
             hr_, hi_, fr, fi, lam_next, dgam, dthf, dthr = st
             ts = g + ridx
-            mt = (ts < t1)[:, None] & cmask[None, :]
+            mt = _tile_mask(ts, t1, cmask, EVEN)
             if DZ_IN_DU:
                 dzb = du_ptr + 2 * C + b * s_hb
             else:
@@ -522,12 +553,12 @@ def _fwd_row(row, grow, gamma, cf, sf, cr_, sr_, m, carry):
 
 
 @triton.jit
-def _grad_row(st, row, t, t1, cmask, gamma, cf, sf, cr_, sr_):
+def _grad_row(st, row, t, t1, cmask, gamma, cf, sf, cr_, sr_, EVEN: tl.constexpr):
     """Row t of the reverse sweep, from st = (hr_{t+1}, df_{t+1}, lam_{t+1}, the dgamma / dtheta sums) and the row
     of `_fwd_row`: returns st for row t-1 (unchanged past t1) and the row's (dz, Re du, Im du)."""
     hr_, hi_, fr, fi, lam_next, dgam, dthf, dthr = st
     z, ur, ui, gr, gi, pr, pi, er, ei = row
-    m = cmask & (t < t1)
+    m = cmask & _before(t, t1, EVEN)
     sig = _sigmoid(z)
     lam = gamma + (1. - gamma) * sig
     sur, sui = _sigmoid(ur), _sigmoid(ui)
@@ -573,6 +604,12 @@ def _chunks(B: int, N: int, C: int, device: torch.device, cfg: Tuple[int, int, i
     return n_cblocks, triton.cdiv(N, chunk_len), chunk_len
 
 
+def _even(N: int, C: int, block_c: int) -> bool:
+    """Whether a two-sweep launch runs without masks (the kernels' EVEN): whole channel blocks, and whole groups in
+    every chunk (chunk lengths are whole groups, so the sequence must be one too)."""
+    return C % block_c == 0 and N % GROUP == 0
+
+
 def bihgru_fwd(u, z, gamma, theta_f, theta_r) -> torch.Tensor:
     """Forward of the fused kernels; returns (B, N, 2C) in the dtype of u. Short sequences in small batches
     (`_onchip_fits`) take the one-read kernel, everything else the two-sweep one."""
@@ -595,7 +632,7 @@ def bihgru_fwd(u, z, gamma, theta_f, theta_r) -> torch.Tensor:
     args = (u, z, gamma, theta_f, theta_r, out, summ, stash, N, C, n_chunks, chunk_len, u.stride(0), u.stride(1),
             z.stride(0), z.stride(1), out.stride(0), out.stride(1), *_sum_strides(summ, n_chunks), stash.stride(0),
             stash.stride(1))
-    meta = dict(BLOCK_C=cfg[0], UNROLL=GROUP, num_warps=cfg[1])
+    meta = dict(BLOCK_C=cfg[0], UNROLL=GROUP, num_warps=cfg[1], EVEN=_even(N, C, cfg[0]))
     if n_chunks > 1:
         wrap_triton(_bihgru_fwd_kernel)[grid](*args, SUMMARY=True, **meta)
     wrap_triton(_bihgru_fwd_kernel)[grid](*args, SUMMARY=False, **meta)
@@ -626,7 +663,7 @@ def bihgru_bwd(dout, u, z, gamma, theta_f, theta_r, dx=None):
             u.stride(0), u.stride(1), z.stride(0), z.stride(1), dout.stride(0), dout.stride(1),
             du.stride(0), du.stride(1), dz.stride(0), dz.stride(1), *_sum_strides(summ, n_chunks),
             *part.stride()[:3], stash.stride(0), stash.stride(1))
-    meta = dict(BLOCK_C=cfg[0], UNROLL=GROUP, num_warps=cfg[1], DZ_IN_DU=dx is not None)
+    meta = dict(BLOCK_C=cfg[0], UNROLL=GROUP, num_warps=cfg[1], DZ_IN_DU=dx is not None, EVEN=_even(N, C, cfg[0]))
     if n_chunks > 1:
         wrap_triton(_bihgru_bwd_kernel)[grid](*args, SUMMARY=True, **meta)
     wrap_triton(_bihgru_bwd_kernel)[grid](*args, SUMMARY=False, **meta)
