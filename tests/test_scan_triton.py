@@ -225,8 +225,9 @@ def test_triton_norm_gate_out_proj(dtype, out_proj):
 
 
 def test_triton_norm_gate_views_and_tiles(monkeypatch):
-    """x as a strided view (rows of a wider tensor), dy non-contiguous, and several tiles per backward program."""
-    monkeypatch.setattr(norm_gate, 'FWD_CFG', (1, 1))
+    """x as a strided view (rows of a wider tensor), dy non-contiguous, and several tiles per forward and backward
+    program, the last partial."""
+    monkeypatch.setattr(norm_gate, 'FWD_CFG', (2, 1, 1))
     monkeypatch.setattr(norm_gate, 'BWD_CFG', (2, 1, 1))  # 2 rows a tile: 19 tiles over 4 programs
     x, *rest = _norm_gate_inputs(2, 19, 3, torch.float32, seed=2)
     wide = torch.cat([x, torch.randn(2, 19, 4)], -1)

@@ -27,14 +27,16 @@ from torch.utils.flop_counter import register_flop_formula
 
 from .fused import _num_sms, _sigmoid, bihgru_bwd, bihgru_fwd, check_triton_device, kernel_op, linear_param_grads
 
-# (tokens per program tile, warps) of the forward, and (tokens per tile, warps, programs per SM) of the backward, whose
-# programs loop over tiles summing the weight and bias gradients of their tokens; the backward takes at least a warp per
-# BWD_CHANNELS_PER_WARP channels (2C = 1536, the base model: 4 warps, untuned). H100, bf16, 2C = 768
-# (`scripts/gpu_scan_tune.py normgate_tune`, run27/run28): forward 109 us at (256, 256, 384), 92% of the copy
-# bandwidth over h, g, y (inductor's LayerNorm + gate 106 us). H200 (run42): the backward at (2, 2, 16) takes 133 us
-# at (256, 256, 192) where (2, 4, 8) took 520 (3.9x), and 218 against 243 us at (256, 256, 384); on the H100 (2, 4, 8)
-# had won at 2C = 768 (255 registers, no spills); larger tiles per warp spill and ran 1.3x to 20x slower.
-FWD_CFG = (1, 2)
+# (tokens per tile, warps, programs per SM) of the forward and the backward, whose programs loop over tiles (the
+# forward loading w and b once, the backward summing the weight and bias gradients of its tokens); the backward takes
+# at least a warp per BWD_CHANNELS_PER_WARP channels (2C = 1536, the base model: 4 warps, untuned). The forward's
+# loop is new and its config a first guess (before: one program per token, w and b loaded by each, 1 token x 2 warps;
+# H100, bf16, 2C = 768, `scripts/gpu_scan_tune.py normgate_tune`, run27/run28: 109 us at (256, 256, 384), 92% of the
+# copy bandwidth over h, g, y; inductor's LayerNorm + gate 106 us; H200 run55: ~96 us a block). H200 (run42): the
+# backward at (2, 2, 16) takes 133 us at (256, 256, 192) where (2, 4, 8) took 520 (3.9x), and 218 against 243 us at
+# (256, 256, 384); on the H100 (2, 4, 8) had won at 2C = 768 (255 registers, no spills); larger tiles per warp spill
+# and ran 1.3x to 20x slower.
+FWD_CFG = (1, 2, 8)
 BWD_CFG = (2, 2, 16)
 BWD_CHANNELS_PER_WARP = 512
 
@@ -60,19 +62,33 @@ def _tile(rows, M, N, D, s_b, s_n, BLOCK_D: tl.constexpr):
 
 
 @triton.jit
-def _norm_gate_fwd_kernel(h_ptr, x_ptr, w_ptr, b_ptr, y_ptr, M, N, D, s_hb, s_hn, s_xb, s_xn, g_off, eps,
-                          BLOCK_D: tl.constexpr, ROWS: tl.constexpr):
-    rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
+def _load_hg(h_ptr, x_ptr, tile, M, N, D, s_hb, s_hn, s_xb, s_xn, g_off, BLOCK_D: tl.constexpr, ROWS: tl.constexpr):
+    """A tile's h and g in fp32 (zeros past M and D)."""
+    rows = tile * ROWS + tl.arange(0, ROWS)
     oh, m = _tile(rows, M, N, D, s_hb, s_hn, BLOCK_D)
     ox, _ = _tile(rows, M, N, D, s_xb, s_xn, BLOCK_D)
+    return (tl.load(h_ptr + oh, mask=m, other=0.).to(tl.float32),
+            tl.load(x_ptr + g_off + ox, mask=m, other=0.).to(tl.float32))
+
+
+@triton.jit
+def _norm_gate_fwd_kernel(h_ptr, x_ptr, w_ptr, b_ptr, y_ptr, M, N, D, s_hb, s_hn, s_xb, s_xn, g_off, eps, n_tiles,
+                          BLOCK_D: tl.constexpr, ROWS: tl.constexpr):
+    """Tiles pid, pid + programs, ...: w and b loaded once, the next tile's h and g issued before this tile's
+    reductions and store."""
+    pid = tl.program_id(0)
+    step = tl.num_programs(0)
     cols = tl.arange(0, BLOCK_D)
-    h = tl.load(h_ptr + oh, mask=m, other=0.).to(tl.float32)
-    g = tl.load(x_ptr + g_off + ox, mask=m, other=0.).to(tl.float32)  # all loads before the reductions' barriers
     w = tl.load(w_ptr + cols, mask=cols < D, other=0.).to(tl.float32)
     b = tl.load(b_ptr + cols, mask=cols < D, other=0.).to(tl.float32)
-    xhat, _ = _normalize(h, m, D, eps)
-    y = (xhat * w[None, :] + b[None, :]) * g * _sigmoid(g)
-    tl.store(y_ptr + oh, y.to(y_ptr.dtype.element_ty), mask=m)
+    h, g = _load_hg(h_ptr, x_ptr, pid, M, N, D, s_hb, s_hn, s_xb, s_xn, g_off, BLOCK_D, ROWS)
+    for tile in range(pid, n_tiles, step):
+        nxt = _load_hg(h_ptr, x_ptr, tile + step, M, N, D, s_hb, s_hn, s_xb, s_xn, g_off, BLOCK_D, ROWS)
+        oh, m = _tile(tile * ROWS + tl.arange(0, ROWS), M, N, D, s_hb, s_hn, BLOCK_D)
+        xhat, _ = _normalize(h, m, D, eps)
+        y = (xhat * w[None, :] + b[None, :]) * g * _sigmoid(g)
+        tl.store(y_ptr + oh, y.to(y_ptr.dtype.element_ty), mask=m)
+        h, g = nxt
 
 
 @triton.jit
@@ -84,13 +100,9 @@ def _add2(a0, a1, b0, b1):
 def _load_bwd_tile(dy_ptr, h_ptr, x_ptr, tile, M, N, D, s_hb, s_hn, s_xb, s_xn, s_dyb, s_dyn, g_off,
                    BLOCK_D: tl.constexpr, ROWS: tl.constexpr):
     """A backward tile's h, g and dy in fp32 (zeros past M and D)."""
-    rows = tile * ROWS + tl.arange(0, ROWS)
-    oh, m = _tile(rows, M, N, D, s_hb, s_hn, BLOCK_D)
-    ox, _ = _tile(rows, M, N, D, s_xb, s_xn, BLOCK_D)
-    ody, _ = _tile(rows, M, N, D, s_dyb, s_dyn, BLOCK_D)
-    return (tl.load(h_ptr + oh, mask=m, other=0.).to(tl.float32),
-            tl.load(x_ptr + g_off + ox, mask=m, other=0.).to(tl.float32),
-            tl.load(dy_ptr + ody, mask=m, other=0.).to(tl.float32))
+    h, g = _load_hg(h_ptr, x_ptr, tile, M, N, D, s_hb, s_hn, s_xb, s_xn, g_off, BLOCK_D, ROWS)
+    ody, m = _tile(tile * ROWS + tl.arange(0, ROWS), M, N, D, s_dyb, s_dyn, BLOCK_D)
+    return h, g, tl.load(dy_ptr + ody, mask=m, other=0.).to(tl.float32)
 
 
 @triton.jit
@@ -141,10 +153,12 @@ def norm_gate_fwd(h, x, weight, bias, eps):
     """`LayerNorm(h) * silu(g)` of h (B, N, 2C) and g = x[..., 3C:] (x (B, N, 5C)), in the dtype of h."""
     B, N, D = h.shape
     y = torch.empty_like(h)
-    rows, warps = FWD_CFG
-    wrap_triton(_norm_gate_fwd_kernel)[(triton.cdiv(B * N, rows),)](
+    rows, warps, programs_per_sm = FWD_CFG
+    n_tiles = triton.cdiv(B * N, rows)
+    grid = max(1, min(n_tiles, programs_per_sm * _num_sms(h.device)))
+    wrap_triton(_norm_gate_fwd_kernel)[(grid,)](
         h, x, weight, bias, y, B * N, N, D, h.stride(0), h.stride(1), x.stride(0), x.stride(1), x.shape[-1] - D,
-        eps, BLOCK_D=triton.next_power_of_2(D), ROWS=rows, num_warps=warps)
+        eps, n_tiles, BLOCK_D=triton.next_power_of_2(D), ROWS=rows, num_warps=warps)
     return y
 
 
