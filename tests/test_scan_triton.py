@@ -224,14 +224,18 @@ def test_triton_norm_gate_out_proj(dtype, out_proj):
     assert all(e < (1e-5 if dtype == torch.float32 else 2 * BOUND[dtype]) for e in errs.values()), errs
 
 
-def test_triton_norm_gate_views_and_tiles(monkeypatch):
-    """x as a strided view (rows of a wider tensor), dy non-contiguous, and several tiles per forward and backward
-    program, the last partial."""
+@pytest.mark.parametrize('more_tokens', [0, 3])
+def test_triton_norm_gate_views_and_tiles(monkeypatch, more_tokens):
+    """x as a strided view (rows of a wider tensor; with `more_tokens` also the first N tokens of a longer sequence,
+    so that its batch stride is not N times its token stride and the row kernels index by batch and token), dy
+    non-contiguous, and several tiles per forward and backward program, the last partial."""
     monkeypatch.setattr(norm_gate, 'FWD_CFG', (2, 1, 1))
     monkeypatch.setattr(norm_gate, 'BWD_CFG', (2, 1, 1))  # 2 rows a tile: 19 tiles over 4 programs
     x, *rest = _norm_gate_inputs(2, 19, 3, torch.float32, seed=2)
     wide = torch.cat([x, torch.randn(2, 19, 4)], -1)
-    errs = _norm_gate_errors([wide[..., :15], *rest], dy_view=True)
+    wide = torch.cat([wide, torch.randn(2, more_tokens, 19)], 1)[:, :19, :15]
+    assert norm_gate._flat(19, wide) == (more_tokens == 0)
+    errs = _norm_gate_errors([wide, *rest], dy_view=True)
     assert all(e < 1e-5 for e in errs.values()), errs
 
 
