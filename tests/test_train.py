@@ -17,7 +17,7 @@ from test_checkpoint_conversion import AuthorsHgrnVit
 import hgrn_vision  # noqa: F401
 from hgrn_vision.train import evaluate as evaluate_mod
 from hgrn_vision.train import trainer
-from hgrn_vision.train.args import load_config_file, parse_args, train_parser
+from hgrn_vision.train.args import UserError, load_config_file, parse_args, train_parser
 from hgrn_vision.train.checkpoint import load_checkpoint_file, load_finetune_checkpoint
 from hgrn_vision.train.data import prepare_fashion_mnist
 
@@ -309,3 +309,17 @@ def test_checkpoint_of_another_architecture(image_folder, tmp_path, capsys):
     err = _run_main(trainer.main, common + ['--initial-checkpoint', vit], capsys)
     assert str(vit) in err and 'another architecture' in err and 'cls_token' in err, err
     _assert_no_run(tmp_path / 'out')
+
+
+def test_torchcompile_mode(tmp_path, monkeypatch, capsys):
+    """--torchcompile-mode (timm's flag) reaches torch.compile, needs --torchcompile, and takes only torch's modes."""
+    seen = {}
+    monkeypatch.setattr(torch, 'compile', lambda model, **kw: seen.update(kw) or model)
+    model = torch.nn.Linear(2, 2)
+    args = parse_args(train_parser(), [str(tmp_path), '--torchcompile', '--torchcompile-mode', 'reduce-overhead'])
+    assert trainer.compile_model(model, args) is model
+    assert seen == {'backend': 'inductor', 'mode': 'reduce-overhead'}
+    with pytest.raises(UserError, match='--torchcompile-mode default needs --torchcompile'):
+        trainer.compile_model(model, parse_args(train_parser(), [str(tmp_path), '--torchcompile-mode', 'default']))
+    err = _run_main(trainer.main, [tmp_path, '--torchcompile', '--torchcompile-mode', 'fast'], capsys)
+    assert "invalid choice: 'fast'" in err and 'reduce-overhead' in err

@@ -15,6 +15,7 @@ __all__ = ['UserError', 'ParseKwargs', 'train_parser', 'validate_parser', 'parse
            'args_to_yaml']
 
 
+COMPILE_MODES = ('default', 'reduce-overhead', 'max-autotune', 'max-autotune-no-cudagraphs')  # torch.compile's
 ON_OFF = argparse.BooleanOptionalAction  # `--flag` / `--no-flag`: the CLI can turn off what a config file turned on
 
 
@@ -80,6 +81,9 @@ def _add_model_args(parser: argparse.ArgumentParser, training: bool) -> None:
                        help='enable gradient checkpointing through the model')
     group.add_argument('--torchcompile', nargs='?', type=str, default=None, const='inductor',
                        help='torch.compile the model (backend, default inductor)')
+    group.add_argument('--torchcompile-mode', default=None, choices=COMPILE_MODES,
+                       help="torch.compile's mode with --torchcompile (default: torch's); reduce-overhead replays "
+                            'CUDA graphs, taking the host out of a step (small models, CUDA only)')
     group.add_argument('--amp', action=ON_OFF, default=False, help='use mixed precision (torch.autocast)')
     group.add_argument('--amp-dtype', default='bfloat16', type=str, choices=('bfloat16', 'float16'),
                        help='lower precision AMP dtype; float16 uses a loss scaler')

@@ -82,6 +82,8 @@ def train_one_epoch(
 
         sync = nullcontext() if need_update or not hasattr(model, 'no_sync') else model.no_sync()
         with sync:
+            if args.torchcompile_mode == 'reduce-overhead':
+                torch.compiler.cudagraph_mark_step_begin()  # a new step: the last step's graph outputs are done
             with autocast_context(device, args.amp, args.amp_dtype):
                 output = model(input)
                 loss = loss_fn(output, target)

@@ -18,7 +18,7 @@ from .args import UserError, parse_args, validate_parser
 from .checkpoint import EMA_KEYS, load_checkpoint_file, load_trained_weights, saved_train_args, trained_model_name
 from .data import build_dataset, create_eval_loader, dataset_classes
 from .engine import evaluate
-from .trainer import create_train_model, setup_device
+from .trainer import compile_model, create_train_model, setup_device
 
 __all__ = ['validate', 'main']
 
@@ -67,7 +67,7 @@ def validate(args: argparse.Namespace) -> Dict[str, Any]:
     model = model.to(device).eval()
     if args.channels_last:
         model = model.to(memory_format=torch.channels_last)
-    eval_model = torch.compile(model, backend=args.torchcompile) if args.torchcompile else model
+    eval_model = compile_model(model, args)
     if args.grad_checkpointing:
         _logger.info('--grad-checkpointing has no effect in evaluation')
     loader = create_eval_loader(dataset, data_config, args, device)

@@ -38,7 +38,7 @@ from .data import build_dataset, create_eval_loader, dataset_classes
 from .engine import evaluate, format_seconds, train_one_epoch
 from .plot import plot_summary, trim_summary
 
-__all__ = ['train', 'main', 'create_train_model', 'setup_device']
+__all__ = ['train', 'main', 'compile_model', 'create_train_model', 'setup_device']
 
 _logger = logging.getLogger('train')
 
@@ -80,6 +80,15 @@ def create_train_model(args: argparse.Namespace, num_classes: int, pretrained: b
         return timm.create_model(args.model, pretrained=pretrained, num_classes=num_classes, **kwargs)
     except (TypeError, ValueError, RuntimeError, AssertionError) as e:
         raise UserError(f'Cannot create model {args.model!r} with {kwargs}: {e}') from None
+
+
+def compile_model(model: nn.Module, args: argparse.Namespace) -> nn.Module:
+    """`torch.compile(model)` with --torchcompile's backend and --torchcompile-mode, or the model itself."""
+    if not args.torchcompile:
+        if args.torchcompile_mode:
+            raise UserError(f'--torchcompile-mode {args.torchcompile_mode} needs --torchcompile.')
+        return model
+    return torch.compile(model, backend=args.torchcompile, mode=args.torchcompile_mode)
 
 
 def _default_data_kwargs(args: argparse.Namespace) -> Dict[str, Any]:
@@ -185,9 +194,7 @@ def train(args: argparse.Namespace) -> Dict[str, Any]:
     if args.model_ema:
         model_ema = ModelEmaV3(model, decay=args.model_ema_decay, use_warmup=args.model_ema_warmup)
 
-    train_model = model
-    if args.torchcompile:
-        train_model = torch.compile(model, backend=args.torchcompile)
+    train_model = compile_model(model, args)
     if args.distributed:
         train_model = DistributedDataParallel(
             train_model, device_ids=[device] if device.type == 'cuda' else None)
