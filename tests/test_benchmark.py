@@ -200,3 +200,23 @@ def test_compile_settings(bench, capsys, monkeypatch):
             step()
         assert marks == expected and model.weight.grad is not None
         model.zero_grad(set_to_none=True)
+
+
+def test_ab_probe_alternates_and_summarises(tmp_path, monkeypatch, capsys):
+    """`scripts/ab_probe.py` runs each step in this tree and the other, round by round, and prints other / this of
+    the medians; a directory that is not a tree of the package is refused. (The probes themselves need a GPU: here
+    they are replaced by canned times.)"""
+    root = str(Path(__file__).resolve().parent.parent)
+    spec = importlib.util.spec_from_file_location('ab_probe', Path(root, 'scripts', 'ab_probe.py'))
+    ab = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(ab)
+    with pytest.raises(SystemExit, match='not a tree of this package'):
+        ab.main([str(tmp_path), 'hgrn_deit_small'])
+    calls = []
+    canned = {'this': [10.0, 12.0, 11.0], 'other': [20.0, 21.0, 24.0]}
+    monkeypatch.setattr(ab, 'probe', lambda tree, tag, s: calls.append((tag, s)) or canned[tag][len(
+        [c for c in calls if c[0] == tag]) - 1])
+    ab.main([root, 'hgrn_deit_small', '--rounds', '3'])
+    assert calls == [('this', 'hgrn_deit_small'), ('other', 'hgrn_deit_small')] * 3
+    row = capsys.readouterr().out.splitlines()[-1].split()
+    assert row[0] == 'hgrn_deit_small' and float(row[-1]) == pytest.approx(21.0 / 11.0, abs=1e-3)
