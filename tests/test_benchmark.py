@@ -213,9 +213,8 @@ def test_ab_probe_alternates_and_summarises(tmp_path, monkeypatch, capsys):
     with pytest.raises(SystemExit, match='not a tree of this package'):
         ab.main([str(tmp_path), 'hgrn_deit_small'])
     calls = []
-    canned = {'this': [10.0, 12.0, 11.0], 'other': [20.0, 21.0, 24.0]}
-    monkeypatch.setattr(ab, 'probe', lambda tree, tag, s: calls.append((tag, s)) or canned[tag][len(
-        [c for c in calls if c[0] == tag]) - 1])
+    canned = {'this': iter([10.0, 12.0, 11.0]), 'other': iter([20.0, 21.0, 24.0])}
+    monkeypatch.setattr(ab, 'probe', lambda tree, tag, s: calls.append((tag, s)) or next(canned[tag]))
     ab.main([root, 'hgrn_deit_small', '--rounds', '3'])
     assert calls == [('this', 'hgrn_deit_small'), ('other', 'hgrn_deit_small')] * 3
     row = capsys.readouterr().out.splitlines()[-1].split()
