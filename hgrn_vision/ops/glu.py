@@ -99,6 +99,12 @@ def silu_glu_bwd(dp: Tensor, x: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
     return dx, p, part.sum(0)
 
 
+def _glu(x: Tensor) -> Tensor:
+    """silu(a) * b for x = [a | b]."""
+    a, b = x.chunk(2, dim=-1)
+    return F.silu(a) * b
+
+
 # ---- the op: registered with torch.library so torch.compile traces through it, forward and backward ----
 
 def _fwd_fake(x, weight, bias, in_bias):
@@ -108,8 +114,7 @@ def _fwd_fake(x, weight, bias, in_bias):
 @kernel_op('hgrn_vision::silu_glu_linear', _fwd_fake)
 def _fwd_op(x: Tensor, weight: Tensor, bias: Optional[Tensor], in_bias: Optional[Tensor]) -> Tensor:
     """`F.linear(silu(a) * b, weight, bias)`; `in_bias` is only differentiated."""
-    a, b = x.chunk(2, dim=-1)
-    return F.linear(F.silu(a) * b, weight, bias)
+    return F.linear(_glu(x), weight, bias)
 
 
 def _bwd_fake(dp, x):
@@ -166,5 +171,4 @@ def silu_glu_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, *,
         return _fwd_op(x, weight, bias, in_bias)
     if in_bias is not None:  # the same value, with in_bias's gradient the sum of x's
         x = x + (in_bias - in_bias.detach())
-    a, b = x.chunk(2, dim=-1)
-    return F.linear(F.silu(a) * b, weight, bias)
+    return F.linear(_glu(x), weight, bias)
