@@ -199,12 +199,23 @@ def _norm_gate_errors(inputs, dy_view=False, in_bias=True, out_proj=()):
     return _grad_errors(op('triton'), op('reference'), inputs, dy, names)
 
 
-@pytest.mark.parametrize('B,N,C', [(1, 1, 5), (2, 7, 5), (1, 37, 3), (2, 5, 130)])
+@pytest.mark.parametrize('B,N,C', [(1, 1, 5), (2, 7, 5), (1, 37, 3), (2, 5, 130), (2, 6, 4), (1, 5, 7)])
 def test_triton_norm_gate_matches_float64(B, N, C, fwd_kernel):
     """The mixer's scan + LayerNorm + gate op: output and all seven gradients (x's in one buffer, in_bias's from the
-    kernels' sums) in fp32."""
+    kernels' sums) in fp32. The row kernels hold a token's 2C channels as pieces (`_launch_pieces`): 2C = 6 three
+    whole pieces of 2, 10 and 260 three with a masked tail, 8 one whole piece, 14 one with a masked tail."""
+    pieces = norm_gate._launch_pieces(2 * C)
+    assert (pieces['NP'], pieces['EVEN']) == {3: (3, True), 5: (3, False), 130: (3, False), 4: (1, True),
+                                              7: (1, False)}[C]
     errs = _norm_gate_errors(_norm_gate_inputs(B, N, C, torch.float32, seed=N + C))
     assert all(e < 1e-5 for e in errs.values()), errs
+
+
+def test_norm_gate_pieces_of_the_models_widths():
+    """The models' 2C (tiny, small, base) are three whole pieces; a power of two stays one."""
+    assert [norm_gate._launch_pieces(d) for d in (384, 768, 1536, 1024)] == [
+        dict(P=128, NP=3, EVEN=True), dict(P=256, NP=3, EVEN=True), dict(P=512, NP=3, EVEN=True),
+        dict(P=1024, NP=1, EVEN=True)]
 
 
 @pytest.mark.parametrize('dtype', [torch.bfloat16, torch.float16])

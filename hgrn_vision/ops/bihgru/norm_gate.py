@@ -9,7 +9,9 @@ backward, and the scan's backward kernel writes du and dz into the first 3C. Bot
 over the tokens, which is the gradient of in_proj's bias: the mixer adds that bias detached in in_proj and passes it
 here as `in_bias`, so that its gradient comes from these sums instead of another pass over the (B, N, 5C) gradient.
 
-Row kernels: a program takes ROWS tokens x all 2C channels (the LayerNorm needs a whole token), in fp32, loads first.
+Row kernels: a program takes ROWS tokens x all 2C channels (the LayerNorm needs a whole token), in fp32, loads first,
+each token's channels as NP pieces of a power of two P (`_launch_pieces`: 768 = 3 x 256 rather than a 1024-wide tile
+a quarter idle).
 The forward reads h and g, writes y; the backward reads dy, h and g, recomputes the token's mean and rstd from h (no
 stats kept), writes dh and dg, and sums the LayerNorm's weight and bias gradients over its tokens (fp32 partials per
 program, one reduction afterwards). The op keeps h for the backward (2C per token, as the separate ops did).
@@ -28,72 +30,109 @@ from torch.utils.flop_counter import register_flop_formula
 from .fused import _num_sms, _sigmoid, bihgru_bwd, bihgru_fwd, check_triton_device, kernel_op, linear_param_grads
 
 # (tokens per tile, warps, programs per SM) of the forward and the backward, whose programs loop over tiles (the
-# forward loading w and b once, the backward summing the weight and bias gradients of its tokens); the backward takes
-# at least a warp per BWD_CHANNELS_PER_WARP channels (2C = 1536, the base model: 4 warps, untuned). The forward's
-# loop is new and its config a first guess (before: one program per token, w and b loaded by each, 1 token x 2 warps;
-# H100, bf16, 2C = 768, `scripts/gpu_scan_tune.py normgate_tune`, run27/run28: 109 us at (256, 256, 384), 92% of the
-# copy bandwidth over h, g, y; inductor's LayerNorm + gate 106 us; H200 run55: ~96 us a block). H200 (run42): the
-# backward at (2, 2, 16) takes 133 us at (256, 256, 192) where (2, 4, 8) took 520 (3.9x), and 218 against 243 us at
-# (256, 256, 384); on the H100 (2, 4, 8) had won at 2C = 768 (255 registers, no spills); larger tiles per warp spill
-# and ran 1.3x to 20x slower.
-FWD_CFG = (1, 2, 8)
-BWD_CFG = (2, 2, 16)
+# forward loading w and b once, the backward summing the weight and bias gradients of its tokens); each takes at
+# least a warp per *_CHANNELS_PER_WARP channels of a token (2C = 1536, the base model: 2 warps forward, 4 backward,
+# untuned). H200 sweep of these kernels at (256, 256, 384) and (12, 5329, 384), bf16 (run64, `scripts/gpu_scan_tune.py
+# normgate_tune`): forward (1, 1, 16) 73.8 us, (2, 2, 8) 74.0, (1, 2, 8) 81.2; backward (1, 2, 16) 161.7 us,
+# (2, 4, 8) 176.5, (2, 2, 16) 201.5 (it spills 144 bytes in these kernels; the one-tile kernels ran it at 168.9).
+# Larger tiles per warp spill and ran 1.3x to 20x slower (run42).
+FWD_CFG = (1, 1, 16)
+BWD_CFG = (1, 2, 16)
+FWD_CHANNELS_PER_WARP = 768
 BWD_CHANNELS_PER_WARP = 512
 
 
 @triton.jit
-def _normalize(h, m, D, eps):
-    """Rows of the (ROWS, BLOCK_D) tile h (masked by m) normalized over their D channels, and the rows' rstd. eps is
-    cast: inductor launches a kernel with a Python float as fp64, which would make the result fp64."""
-    mean = tl.sum(h, axis=1) / D
-    hc = tl.where(m, h - mean[:, None], 0.)
-    rstd = 1. / tl.sqrt((tl.sum(hc * hc, axis=1) / D + eps).to(tl.float32))
-    return hc * rstd[:, None], rstd
+def _cols(i: tl.constexpr, D, P: tl.constexpr, EVEN: tl.constexpr):
+    """Columns of piece i (i P ... i P + P - 1) and their mask (< D; a constant where EVEN: NP P = D)."""
+    cols = i * P + tl.arange(0, P)
+    if EVEN:
+        return cols, tl.full([P], 1, tl.int1)
+    else:
+        return cols, cols < D
 
 
 @triton.jit
-def _tile(rows, M, N, D, s_b, s_n, BLOCK_D: tl.constexpr, FLAT: tl.constexpr):
-    """Offsets of a (ROWS, BLOCK_D) tile of tokens `rows` (b * N + n) in a (B, N, .) tensor of strides s_b, s_n, and
-    its mask. FLAT: s_b = N s_n (or one batch row), so token r sits at r s_n: no 64-bit division a row (-21% of the
-    forward's instructions, -11% of the backward's: scripts/kernel_sass.py)."""
-    cols = tl.arange(0, BLOCK_D)
+def _rows(tile, M, N, s_b, s_n, ROWS: tl.constexpr, FLAT: tl.constexpr):
+    """Offsets of a tile's tokens r = b N + n (ROWS of them from tile * ROWS) in a (B, N, .) tensor of strides s_b,
+    s_n, and their mask (< M). FLAT: s_b = N s_n (or one batch row), so token r sits at r s_n: no 64-bit division
+    a row (-21% of the forward's instructions, -11% of the backward's: scripts/kernel_sass.py)."""
+    rows = tile * ROWS + tl.arange(0, ROWS)
     r = rows.to(tl.int64)
     if FLAT:
-        off = (r * s_n)[:, None] + cols[None, :]
+        return r * s_n, rows < M
     else:
-        off = ((r // N) * s_b + (r % N) * s_n)[:, None] + cols[None, :]
-    return off, (rows < M)[:, None] & (cols < D)[None, :]
+        return (r // N) * s_b + (r % N) * s_n, rows < M
 
 
 @triton.jit
-def _load_hg(h_ptr, x_ptr, tile, M, N, D, s_hb, s_hn, s_xb, s_xn, g_off, BLOCK_D: tl.constexpr, ROWS: tl.constexpr,
-             FLAT: tl.constexpr):
-    """A tile's h and g in fp32 (zeros past M and D)."""
-    rows = tile * ROWS + tl.arange(0, ROWS)
-    oh, m = _tile(rows, M, N, D, s_hb, s_hn, BLOCK_D, FLAT)
-    ox, _ = _tile(rows, M, N, D, s_xb, s_xn, BLOCK_D, FLAT)
-    return (tl.load(h_ptr + oh, mask=m, other=0.).to(tl.float32),
-            tl.load(x_ptr + g_off + ox, mask=m, other=0.).to(tl.float32))
+def _load(ptr, base, rmask, D, P: tl.constexpr, NP: tl.constexpr, EVEN: tl.constexpr):
+    """A tile as NP (ROWS, P) pieces in fp32 (zeros past M and D), rows at offsets `base` (from `_rows`)."""
+    pieces = ()
+    for i in tl.static_range(NP):
+        cols, cm = _cols(i, D, P, EVEN)
+        pieces = pieces + (tl.load(ptr + base[:, None] + cols[None, :], mask=rmask[:, None] & cm[None, :],
+                                   other=0.).to(tl.float32),)
+    return pieces
+
+
+@triton.jit
+def _store(ptr, base, rmask, i: tl.constexpr, D, val, P: tl.constexpr, EVEN: tl.constexpr):
+    """Piece i of a tile (see `_load`) into ptr's dtype."""
+    cols, cm = _cols(i, D, P, EVEN)
+    tl.store(ptr + base[:, None] + cols[None, :], val.to(ptr.dtype.element_ty), mask=rmask[:, None] & cm[None, :])
+
+
+@triton.jit
+def _load_vec(ptr, D, P: tl.constexpr, NP: tl.constexpr, EVEN: tl.constexpr):
+    """A (D,) fp32 vector as NP (P,) pieces (zeros past D)."""
+    pieces = ()
+    for i in tl.static_range(NP):
+        cols, cm = _cols(i, D, P, EVEN)
+        pieces = pieces + (tl.load(ptr + cols, mask=cm, other=0.).to(tl.float32),)
+    return pieces
+
+
+@triton.jit
+def _stats(h, rmask, D, eps, P: tl.constexpr, NP: tl.constexpr, EVEN: tl.constexpr):
+    """Mean and rstd of each token of the tile h (pieces from `_load`) over its D channels: the pieces are added
+    elementwise first, so that each statistic takes one reduction across threads. eps is cast: inductor launches a
+    kernel with a Python float as fp64, which would make the result fp64."""
+    total = h[0]
+    for i in tl.static_range(1, NP):
+        total += h[i]
+    mean = tl.sum(total, axis=1) / D
+    squares = tl.zeros_like(h[0])
+    for i in tl.static_range(NP):
+        _, cm = _cols(i, D, P, EVEN)
+        hc = tl.where(rmask[:, None] & cm[None, :], h[i] - mean[:, None], 0.)
+        squares += hc * hc
+    return mean, 1. / tl.sqrt((tl.sum(squares, axis=1) / D + eps).to(tl.float32))
 
 
 @triton.jit
 def _norm_gate_fwd_kernel(h_ptr, x_ptr, w_ptr, b_ptr, y_ptr, M, N, D, s_hb, s_hn, s_xb, s_xn, g_off, eps, n_tiles,
-                          BLOCK_D: tl.constexpr, ROWS: tl.constexpr, FLAT: tl.constexpr):
+                          P: tl.constexpr, NP: tl.constexpr, ROWS: tl.constexpr, FLAT: tl.constexpr,
+                          EVEN: tl.constexpr):
     """Tiles pid, pid + programs, ...: w and b loaded once, the next tile's h and g issued before this tile's
-    reductions and store."""
+    reductions and store. A token's D channels are NP pieces of P (`_launch_pieces`)."""
     pid = tl.program_id(0)
     step = tl.num_programs(0)
-    cols = tl.arange(0, BLOCK_D)
-    w = tl.load(w_ptr + cols, mask=cols < D, other=0.).to(tl.float32)
-    b = tl.load(b_ptr + cols, mask=cols < D, other=0.).to(tl.float32)
-    h, g = _load_hg(h_ptr, x_ptr, pid, M, N, D, s_hb, s_hn, s_xb, s_xn, g_off, BLOCK_D, ROWS, FLAT)
+    w = _load_vec(w_ptr, D, P, NP, EVEN)
+    b = _load_vec(b_ptr, D, P, NP, EVEN)
+    oh, m = _rows(pid, M, N, s_hb, s_hn, ROWS, FLAT)
+    ox, _ = _rows(pid, M, N, s_xb, s_xn, ROWS, FLAT)
+    h, g = _load(h_ptr, oh, m, D, P, NP, EVEN), _load(x_ptr + g_off, ox, m, D, P, NP, EVEN)
     for tile in range(pid, n_tiles, step):
-        nxt = _load_hg(h_ptr, x_ptr, tile + step, M, N, D, s_hb, s_hn, s_xb, s_xn, g_off, BLOCK_D, ROWS, FLAT)
-        oh, m = _tile(tile * ROWS + tl.arange(0, ROWS), M, N, D, s_hb, s_hn, BLOCK_D, FLAT)
-        xhat, _ = _normalize(h, m, D, eps)
-        y = (xhat * w[None, :] + b[None, :]) * g * _sigmoid(g)
-        tl.store(y_ptr + oh, y.to(y_ptr.dtype.element_ty), mask=m)
-        h, g = nxt
+        noh, nm = _rows(tile + step, M, N, s_hb, s_hn, ROWS, FLAT)
+        nox, _ = _rows(tile + step, M, N, s_xb, s_xn, ROWS, FLAT)
+        nh, ng = _load(h_ptr, noh, nm, D, P, NP, EVEN), _load(x_ptr + g_off, nox, nm, D, P, NP, EVEN)
+        mean, rstd = _stats(h, m, D, eps, P, NP, EVEN)
+        for i in tl.static_range(NP):
+            xhat = (h[i] - mean[:, None]) * rstd[:, None]
+            y = (xhat * w[i][None, :] + b[i][None, :]) * g[i] * _sigmoid(g[i])
+            _store(y_ptr, oh, m, i, D, y, P, EVEN)
+        h, g, oh, m = nh, ng, noh, nm
 
 
 @triton.jit
@@ -102,56 +141,75 @@ def _add2(a0, a1, b0, b1):
 
 
 @triton.jit
-def _load_bwd_tile(dy_ptr, h_ptr, x_ptr, tile, M, N, D, s_hb, s_hn, s_xb, s_xn, s_dyb, s_dyn, g_off,
-                   BLOCK_D: tl.constexpr, ROWS: tl.constexpr, FLAT: tl.constexpr):
-    """A backward tile's h, g and dy in fp32 (zeros past M and D)."""
-    h, g = _load_hg(h_ptr, x_ptr, tile, M, N, D, s_hb, s_hn, s_xb, s_xn, g_off, BLOCK_D, ROWS, FLAT)
-    ody, m = _tile(tile * ROWS + tl.arange(0, ROWS), M, N, D, s_dyb, s_dyn, BLOCK_D, FLAT)
-    return h, g, tl.load(dy_ptr + ody, mask=m, other=0.).to(tl.float32)
-
-
-@triton.jit
 def _norm_gate_bwd_kernel(dy_ptr, h_ptr, x_ptr, w_ptr, b_ptr, dh_ptr, dx_ptr, part_ptr, y_ptr, M, N, D, s_hb, s_hn,
-                          s_xb, s_xn, s_dyb, s_dyn, s_dxb, s_dxn, g_off, eps, n_tiles, BLOCK_D: tl.constexpr,
-                          ROWS: tl.constexpr, WRITE_Y: tl.constexpr, FLAT: tl.constexpr):
+                          s_xb, s_xn, s_dyb, s_dyn, s_dxb, s_dxn, g_off, eps, n_tiles, P: tl.constexpr,
+                          NP: tl.constexpr, ROWS: tl.constexpr, WRITE_Y: tl.constexpr, FLAT: tl.constexpr,
+                          EVEN: tl.constexpr):
     """Tiles pid, pid + programs, ...; the next tile's loads are issued before this tile's reductions. Sums the
     weight and bias gradients and dg over the program's tokens. WRITE_Y: also writes the forward's output y again
-    (strides of h) for the output projection's weight gradient. FLAT: as in `_tile`, for every tensor."""
+    (strides of h) for the output projection's weight gradient. FLAT: as in `_rows`, for every tensor."""
     pid = tl.program_id(0)
     step = tl.num_programs(0)
-    cols = tl.arange(0, BLOCK_D)
-    w = tl.load(w_ptr + cols, mask=cols < D, other=0.).to(tl.float32)
-    b = tl.load(b_ptr + cols, mask=cols < D, other=0.).to(tl.float32)
-    dw = tl.zeros([BLOCK_D], dtype=tl.float32)
-    db = tl.zeros([BLOCK_D], dtype=tl.float32)
-    dgs = tl.zeros([BLOCK_D], dtype=tl.float32)
-    h, g, dy = _load_bwd_tile(dy_ptr, h_ptr, x_ptr, pid, M, N, D, s_hb, s_hn, s_xb, s_xn, s_dyb, s_dyn, g_off,
-                              BLOCK_D, ROWS, FLAT)
+    w = _load_vec(w_ptr, D, P, NP, EVEN)
+    b = _load_vec(b_ptr, D, P, NP, EVEN)
+    dw, db, dgs = (), (), ()
+    for i in tl.static_range(NP):  # (ROWS, P) sums, reduced over their rows once at the end
+        zero = tl.zeros([ROWS, P], tl.float32)
+        dw, db, dgs = dw + (zero,), db + (zero,), dgs + (zero,)
+    oh, m = _rows(pid, M, N, s_hb, s_hn, ROWS, FLAT)
+    ox, _ = _rows(pid, M, N, s_xb, s_xn, ROWS, FLAT)
+    ody, _ = _rows(pid, M, N, s_dyb, s_dyn, ROWS, FLAT)
+    h, g = _load(h_ptr, oh, m, D, P, NP, EVEN), _load(x_ptr + g_off, ox, m, D, P, NP, EVEN)
+    dy = _load(dy_ptr, ody, m, D, P, NP, EVEN)
     for tile in range(pid, n_tiles, step):
-        nxt = _load_bwd_tile(dy_ptr, h_ptr, x_ptr, tile + step, M, N, D, s_hb, s_hn, s_xb, s_xn, s_dyb, s_dyn,
-                             g_off, BLOCK_D, ROWS, FLAT)
-        rows = tile * ROWS + tl.arange(0, ROWS)
-        oh, m = _tile(rows, M, N, D, s_hb, s_hn, BLOCK_D, FLAT)
-        odx, _ = _tile(rows, M, N, D, s_dxb, s_dxn, BLOCK_D, FLAT)
-        xhat, rstd = _normalize(h, m, D, eps)
-        sg = _sigmoid(g)
-        dn = dy * g * sg  # gradient of the normalized, scaled and shifted h
-        yn = xhat * w[None, :] + b[None, :]
-        dg = dy * yn * sg * (1. + g * (1. - sg))
-        if WRITE_Y:
-            tl.store(y_ptr + oh, (yn * g * sg).to(y_ptr.dtype.element_ty), mask=m)
-        dw += tl.sum(dn * xhat, axis=0)  # rows are a thread's own registers: no exchange between threads
-        db += tl.sum(dn, axis=0)
-        dgs += tl.sum(dg, axis=0)
-        dxhat = dn * w[None, :]
-        c1, c2 = tl.reduce((dxhat * xhat, dxhat), 1, _add2)
-        dh = (dxhat - xhat * (c1 / D)[:, None] - (c2 / D)[:, None]) * rstd[:, None]
-        tl.store(dh_ptr + oh, dh.to(dh_ptr.dtype.element_ty), mask=m)
-        tl.store(dx_ptr + g_off + odx, dg.to(dx_ptr.dtype.element_ty), mask=m)
-        h, g, dy = nxt
-    tl.store(part_ptr + pid * 3 * D + cols, dw, mask=cols < D)
-    tl.store(part_ptr + pid * 3 * D + D + cols, db, mask=cols < D)
-    tl.store(part_ptr + pid * 3 * D + 2 * D + cols, dgs, mask=cols < D)
+        noh, nm = _rows(tile + step, M, N, s_hb, s_hn, ROWS, FLAT)
+        nox, _ = _rows(tile + step, M, N, s_xb, s_xn, ROWS, FLAT)
+        nody, _ = _rows(tile + step, M, N, s_dyb, s_dyn, ROWS, FLAT)
+        nh, ng = _load(h_ptr, noh, nm, D, P, NP, EVEN), _load(x_ptr + g_off, nox, nm, D, P, NP, EVEN)
+        ndy = _load(dy_ptr, nody, nm, D, P, NP, EVEN)
+        odx, _ = _rows(tile, M, N, s_dxb, s_dxn, ROWS, FLAT)
+        mean, rstd = _stats(h, m, D, eps, P, NP, EVEN)
+        xhats, dxhats, ndw, ndb, ndgs = (), (), (), (), ()
+        for i in tl.static_range(NP):
+            xhat = (h[i] - mean[:, None]) * rstd[:, None]
+            sg = _sigmoid(g[i])
+            dn = dy[i] * g[i] * sg  # gradient of the normalized, scaled and shifted h
+            yn = xhat * w[i][None, :] + b[i][None, :]
+            dg = dy[i] * yn * sg * (1. + g[i] * (1. - sg))
+            if WRITE_Y:
+                _store(y_ptr, oh, m, i, D, yn * g[i] * sg, P, EVEN)
+            _store(dx_ptr + g_off, odx, m, i, D, dg, P, EVEN)
+            ndw, ndb, ndgs = ndw + (dw[i] + dn * xhat,), ndb + (db[i] + dn,), ndgs + (dgs[i] + dg,)
+            xhats, dxhats = xhats + (xhat,), dxhats + (dn * w[i][None, :],)
+        a1, a2 = dxhats[0] * xhats[0], dxhats[0]
+        for i in tl.static_range(1, NP):
+            a1, a2 = a1 + dxhats[i] * xhats[i], a2 + dxhats[i]
+        c1, c2 = tl.reduce((a1, a2), 1, _add2)  # the pieces added elementwise: one reduction across threads
+        for i in tl.static_range(NP):
+            dh = (dxhats[i] - xhats[i] * (c1 / D)[:, None] - (c2 / D)[:, None]) * rstd[:, None]
+            _store(dh_ptr, oh, m, i, D, dh, P, EVEN)
+        dw, db, dgs = ndw, ndb, ndgs
+        h, g, dy, oh, m = nh, ng, ndy, noh, nm
+    for i in tl.static_range(NP):
+        cols, cm = _cols(i, D, P, EVEN)
+        tl.store(part_ptr + pid * 3 * D + cols, tl.sum(dw[i], axis=0), mask=cm)
+        tl.store(part_ptr + pid * 3 * D + D + cols, tl.sum(db[i], axis=0), mask=cm)
+        tl.store(part_ptr + pid * 3 * D + 2 * D + cols, tl.sum(dgs[i], axis=0), mask=cm)
+
+
+def _launch_pieces(D: int) -> dict:
+    """How the row kernels hold a token's D channels: NP pieces of P (a power of two), three where that wastes fewer
+    lanes than one (2C = 768 is 3 x 256 instead of a quarter of 1024 idle; the models' widths are all 3 x 2^k), and
+    EVEN when the pieces cover D exactly (no column masks)."""
+    one, three = triton.next_power_of_2(D), triton.next_power_of_2(triton.cdiv(D, 3))
+    P, NP = (three, 3) if 3 * three < one else (one, 1)
+    return dict(P=P, NP=NP, EVEN=P * NP == D)
+
+
+def _warps(warps: int, pieces: dict, channels_per_warp: int) -> int:
+    """A config's warps, raised to a power of two with at least one warp per `channels_per_warp` of a token's
+    (padded) channels, so that wide tokens do not spill."""
+    return max(warps, triton.next_power_of_2(triton.cdiv(pieces['P'] * pieces['NP'], channels_per_warp)))
 
 
 def _flat(N: int, *tensors: torch.Tensor) -> bool:
@@ -165,11 +223,12 @@ def norm_gate_fwd(h, x, weight, bias, eps):
     B, N, D = h.shape
     y = torch.empty_like(h)
     rows, warps, programs_per_sm = FWD_CFG
+    pieces = _launch_pieces(D)
     n_tiles = triton.cdiv(B * N, rows)
     grid = max(1, min(n_tiles, programs_per_sm * _num_sms(h.device)))
     wrap_triton(_norm_gate_fwd_kernel)[(grid,)](
         h, x, weight, bias, y, B * N, N, D, h.stride(0), h.stride(1), x.stride(0), x.stride(1), x.shape[-1] - D,
-        eps, n_tiles, BLOCK_D=triton.next_power_of_2(D), ROWS=rows, FLAT=_flat(N, h, x), num_warps=warps)
+        eps, n_tiles, ROWS=rows, FLAT=_flat(N, h, x), num_warps=_warps(warps, pieces, FWD_CHANNELS_PER_WARP), **pieces)
     return y
 
 
@@ -180,15 +239,15 @@ def norm_gate_bwd(dy, h, x, weight, bias, eps, dx, y=None):
     B, N, D = h.shape
     dh = torch.empty_like(h)
     rows, warps, programs_per_sm = BWD_CFG
-    block_d = triton.next_power_of_2(D)
-    warps = max(warps, block_d // BWD_CHANNELS_PER_WARP)
+    pieces = _launch_pieces(D)
     n_tiles = triton.cdiv(B * N, rows)
     grid = min(n_tiles, programs_per_sm * _num_sms(h.device))
     part = torch.empty(grid, 3, D, device=h.device, dtype=torch.float32)
     wrap_triton(_norm_gate_bwd_kernel)[(grid,)](
         dy, h, x, weight, bias, dh, dx, part, y, B * N, N, D, h.stride(0), h.stride(1), x.stride(0), x.stride(1),
         dy.stride(0), dy.stride(1), dx.stride(0), dx.stride(1), x.shape[-1] - D, eps, n_tiles,
-        BLOCK_D=block_d, ROWS=rows, WRITE_Y=y is not None, FLAT=_flat(N, h, x, dy, dx), num_warps=warps)
+        ROWS=rows, WRITE_Y=y is not None, FLAT=_flat(N, h, x, dy, dx),
+        num_warps=_warps(warps, pieces, BWD_CHANNELS_PER_WARP), **pieces)
     dw, db, dgs = part.sum(0).unbind(0)
     return dh, dw.to(weight.dtype, copy=True), db.to(bias.dtype, copy=True), dgs
 
