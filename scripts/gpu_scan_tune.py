@@ -289,10 +289,12 @@ NG_FWD_CFGS = [(1, 2, 8), (1, 2, 16), (1, 4, 8), (2, 2, 8), (2, 2, 16), (2, 4, 8
 NG_BWD_CFGS = [(2, 2, 16), (2, 4, 4), (2, 4, 8), (1, 2, 8), (1, 2, 16), (4, 4, 4), (4, 4, 8), (2, 1, 32), (1, 1, 32)]
 
 
-def normgate_tune(shapes=((256, 256, 384), (12, 5329, 384))):
-    """The row kernels of the fused op alone (bf16) at each (rows, warps[, programs per SM]) config, in GB/s over
+def normgate_tune(shapes=((256, 256, 384), (12, 5329, 384), (256, 256, 192), (256, 256, 768))):
+    """The row kernels of the fused op alone (bf16) at each (rows, warps, programs per SM) config, in GB/s over
     what they must move (forward h, g, y: 6 elements per token and C; backward dy, h, g, dh, dg: 10), against the
-    same LayerNorm + gate compiled by inductor (`F.layer_norm(h) * silu(g)`, forward and its backward)."""
+    same LayerNorm + gate compiled by inductor (`F.layer_norm(h) * silu(g)`, forward and its backward). The shapes
+    are the small model's at 224 and 1024, the tiny and base models' at 224; wide tokens raise a config's warps
+    (`norm_gate._warps`), so at 2C = 1536 a 1-warp config runs with 2 (forward) or 4 (backward)."""
     bw = measure_copy_bandwidth(torch.device('cuda'))['copy_gbps']
     defaults = ng.FWD_CFG, ng.BWD_CFG
     print(f'== norm-gate row kernels, bf16; copy bandwidth {bw:.0f} GB/s ==')
