@@ -3,10 +3,10 @@ torch.compile of a model, block-size tuning, host overhead, the mixer's fused sc
 
 Run on the lent GPU: `PYTHONPATH=. python scripts/gpu_scan_tune.py [WHAT ...]` with WHAT among stress, check,
 compile, tune (the default: these four), compile_lm (compile with low_memory=True), host (the host-side cost of the
-op's Python paths), onchip (the one-read forward against the two-sweep one), normgate (the fused scan + LayerNorm +
-gate op against the scan op composed with them), normgate_tune (that op's row kernels' configs); or `... compare
-OTHER_FUSED.py` (forward and backward against another version of fused.py, e.g. `git show
-REV:hgrn_vision/ops/bihgru/fused.py > /tmp/f.py`). Prints tables; nothing is timed in tests.
+op's Python paths), onchip (the one-read forward against the two-sweep one), chunks (forced sequence splits),
+normgate (the fused scan + LayerNorm + gate op against the scan op composed with them), normgate_tune (that op's row
+kernels' configs); or `... compare OTHER_FUSED.py` (forward and backward against another version of fused.py, e.g.
+`git show REV:hgrn_vision/ops/bihgru/fused.py > /tmp/f.py`). Prints tables; nothing is timed in tests.
 """
 import importlib.util
 import inspect
@@ -191,6 +191,33 @@ def tune(bw):
         _time_cfgs('BWD_CFG', shape, lambda x, do: fz.bihgru_bwd(do, *x), 8)
 
 
+def chunks(shapes=((256, 256, 384), (256, 256, 192)), splits=(1, 2, 4, 8)):
+    """The two-sweep kernels with the sequence split into `splits` chunks where `_chunks` would not split it (bf16),
+    against float64: a chunk's second read of u, z comes back after chunk_len rows instead of N, so it may hit L2,
+    at the price of the summary pass's extra read. Times each split beside the unsplit one."""
+    print('== forced splits of the sequence (chunks, rows a chunk), bf16 ==')
+    pick = fz._chunks
+    for shape in shapes:
+        x = inputs(*shape, torch.bfloat16)
+        do = torch.randn(shape[0], shape[1], 2 * shape[2], device='cuda', dtype=torch.bfloat16)
+        ref = float64_reference(x, do)
+        base = {}
+        for n in splits:
+            rows = triton.cdiv(triton.cdiv(shape[1], n), fz.GROUP) * fz.GROUP
+            fz._chunks = lambda B, N, C, device, cfg, rows=rows: (triton.cdiv(C, cfg[0]), triton.cdiv(N, rows),
+                                                                   rows)
+            for name, run, want in (('fwd', lambda x=x: [fz.bihgru_fwd(*x)], ref[:1]),
+                                    ('bwd', lambda x=x, do=do: fz.bihgru_bwd(do, *x)[:5], ref[1:])):
+                err = max(rel_err(a, b) for a, b in zip(run(), want))
+                t = bench(run, rep=100)
+                base.setdefault(name, t)
+                print(f'{name} {str(shape):>16} {n} x {rows:>3} rows {t * 1e3:8.1f} us  speed-up {base[name] / t:5.2f}x'
+                      f'  err {err:.1e}', flush=True)
+        fz._chunks = pick
+        del x, do, ref
+        torch.cuda.empty_cache()
+
+
 def host_overhead(shapes=((1, 256, 192), (256, 256, 384))):
     """What the op's Python paths cost the host per call (bf16): pieces of `bihgru_fwd` / `bihgru_bwd`, the kernels'
     wrappers, the custom ops and a backward through autograd. Where host > the GPU's time, the host bounds it."""
@@ -362,7 +389,7 @@ if __name__ == '__main__':
         sys.exit()
     commands = {  # run in this order, whatever the order asked
         'stress': stress, 'check': check, 'compile': compile_model, 'compile_lm': lambda: compile_model(True),
-        'host': host_overhead, 'onchip': onchip,
+        'host': host_overhead, 'onchip': onchip, 'chunks': chunks,
         'normgate_tune': normgate_tune, 'normgate': normgate,
         'tune': lambda: tune(measure_copy_bandwidth(torch.device('cuda'))['copy_gbps'])}
     for name, command in commands.items():
