@@ -313,7 +313,9 @@ def normgate(shapes=((256, 256, 384), (64, 1024, 384), (12, 5329, 384)), check_b
 
 
 NG_FWD_CFGS = [(1, 2, 8), (1, 2, 16), (1, 4, 8), (2, 2, 8), (2, 2, 16), (2, 4, 8), (1, 1, 16)]
-NG_BWD_CFGS = [(2, 2, 16), (2, 4, 4), (2, 4, 8), (1, 2, 8), (1, 2, 16), (4, 4, 4), (4, 4, 8), (2, 1, 32), (1, 1, 32)]
+# the backward at (1, 2, .) holds 168 registers a thread (Triton 3.6), so 6 programs fit an SM: 6 and 12 programs an SM
+# run whole waves of persistent programs, 16 (the config in use) 2.67 waves
+NG_BWD_CFGS = [(1, 2, 16), (1, 2, 6), (1, 2, 12), (1, 2, 8), (2, 4, 8), (2, 2, 16), (2, 4, 4), (1, 1, 32), (4, 4, 4)]
 
 
 def normgate_tune(shapes=((256, 256, 384), (12, 5329, 384), (256, 256, 192), (256, 256, 768))):
