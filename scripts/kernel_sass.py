@@ -39,8 +39,9 @@ _SCAN = dict(u_ptr=BF, z_ptr=BF, gamma_ptr=F32, tf_ptr=F32, tr_ptr=F32, out_ptr=
 _ROWS = dict(h_ptr=BF, x_ptr=BF, w_ptr=F32, b_ptr=F32, y_ptr=BF, dy_ptr=BF, dh_ptr=BF, dx_ptr=BF, part_ptr=F32,
              dp_ptr=BF, p_ptr=BF, mean_ptr=F32, rstd_ptr=F32, eps='fp32')
 _NG_PIECES = ng._launch_pieces(768)  # 2C of the small model
-_NG_FWD_WARPS = ng._warps(ng.FWD_CFG[1], _NG_PIECES, ng.FWD_CHANNELS_PER_WARP)
-_NG_BWD_WARPS = ng._warps(ng.BWD_CFG[1], _NG_PIECES, ng.BWD_CHANNELS_PER_WARP)
+_NG_WIDTH = _NG_PIECES['P'] * _NG_PIECES['NP']
+_NG_FWD_WARPS = ng._warps(ng.FWD_CFG[1], _NG_WIDTH, ng.FWD_CHANNELS_PER_WARP)
+_NG_BWD_WARPS = ng._warps(ng.BWD_CFG[1], _NG_WIDTH, ng.BWD_CHANNELS_PER_WARP)
 # name: (kernel, pointer / float types, constexprs, warps) at the 16-bit configs and the small model's widths
 KERNELS = {
     '_bihgru_fwd_kernel': (fz._bihgru_fwd_kernel, _SCAN, dict(BLOCK_C=fz.FWD_CFG[2][0], UNROLL=fz.GROUP,
@@ -55,7 +56,7 @@ KERNELS = {
     '_silu_glu_bwd_kernel': (glu._silu_glu_bwd_kernel, _ROWS, dict(ROWS=glu.BWD_CFG[0], BLOCK_H=glu.BWD_CFG[1]),
                              glu.BWD_CFG[2]),
     '_layer_norm_bwd_kernel': (nl._layer_norm_bwd_kernel, _ROWS, dict(BLOCK_D=512, ROWS=nl.BWD_CFG[0]),
-                               max(nl.BWD_CFG[1], 512 // ng.BWD_CHANNELS_PER_WARP)),
+                               ng._warps(nl.BWD_CFG[1], 512, ng.BWD_CHANNELS_PER_WARP)),
 }
 
 

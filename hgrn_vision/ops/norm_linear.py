@@ -22,7 +22,7 @@ from torch.utils.flop_counter import register_flop_formula
 
 from .bihgru import default_impl
 from .bihgru.fused import _num_sms, check_triton_device, kernel_op, linear_param_grads
-from .bihgru.norm_gate import BWD_CHANNELS_PER_WARP
+from .bihgru.norm_gate import BWD_CHANNELS_PER_WARP, _warps
 
 __all__ = ['layer_norm_linear']
 
@@ -82,7 +82,7 @@ def layer_norm_bwd(dy: Tensor, x: Tensor, mean: Tensor, rstd: Tensor, weight: Te
     part = torch.empty(grid, 2, D, device=x.device, dtype=torch.float32)
     wrap_triton(_layer_norm_bwd_kernel)[(grid,)](
         x, dy, mean, rstd, weight, bias, dx, y, part, M, D, n_tiles, BLOCK_D=block_d, ROWS=rows,
-        num_warps=max(warps, block_d // BWD_CHANNELS_PER_WARP))
+        num_warps=_warps(warps, block_d, BWD_CHANNELS_PER_WARP))
     dw, db = part.sum(0).unbind(0)
     return dx, y, dw.to(weight.dtype, copy=True), db.to(bias.dtype, copy=True)
 

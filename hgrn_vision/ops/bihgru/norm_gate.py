@@ -206,10 +206,10 @@ def _launch_pieces(D: int) -> dict:
     return dict(P=P, NP=NP, EVEN=P * NP == D)
 
 
-def _warps(warps: int, pieces: dict, channels_per_warp: int) -> int:
-    """A config's warps, raised to a power of two with at least one warp per `channels_per_warp` of a token's
-    (padded) channels, so that wide tokens do not spill."""
-    return max(warps, triton.next_power_of_2(triton.cdiv(pieces['P'] * pieces['NP'], channels_per_warp)))
+def _warps(warps: int, width: int, channels_per_warp: int) -> int:
+    """A row kernel config's warps, raised to a power of two with at least one warp per `channels_per_warp` of a
+    token's `width` channels as its tile holds them (padded), so that wide tokens do not spill."""
+    return max(warps, triton.next_power_of_2(triton.cdiv(width, channels_per_warp)))
 
 
 def _flat(N: int, *tensors: torch.Tensor) -> bool:
@@ -228,7 +228,8 @@ def norm_gate_fwd(h, x, weight, bias, eps):
     grid = max(1, min(n_tiles, programs_per_sm * _num_sms(h.device)))
     wrap_triton(_norm_gate_fwd_kernel)[(grid,)](
         h, x, weight, bias, y, B * N, N, D, h.stride(0), h.stride(1), x.stride(0), x.stride(1), x.shape[-1] - D,
-        eps, n_tiles, ROWS=rows, FLAT=_flat(N, h, x), num_warps=_warps(warps, pieces, FWD_CHANNELS_PER_WARP), **pieces)
+        eps, n_tiles, ROWS=rows, FLAT=_flat(N, h, x),
+        num_warps=_warps(warps, pieces['P'] * pieces['NP'], FWD_CHANNELS_PER_WARP), **pieces)
     return y
 
 
@@ -247,7 +248,7 @@ def norm_gate_bwd(dy, h, x, weight, bias, eps, dx, y=None):
         dy, h, x, weight, bias, dh, dx, part, y, B * N, N, D, h.stride(0), h.stride(1), x.stride(0), x.stride(1),
         dy.stride(0), dy.stride(1), dx.stride(0), dx.stride(1), x.shape[-1] - D, eps, n_tiles,
         ROWS=rows, WRITE_Y=y is not None, FLAT=_flat(N, h, x, dy, dx),
-        num_warps=_warps(warps, pieces, BWD_CHANNELS_PER_WARP), **pieces)
+        num_warps=_warps(warps, pieces['P'] * pieces['NP'], BWD_CHANNELS_PER_WARP), **pieces)
     dw, db, dgs = part.sum(0).unbind(0)
     return dh, dw.to(weight.dtype, copy=True), db.to(bias.dtype, copy=True), dgs
 
