@@ -218,6 +218,17 @@ def test_norm_gate_pieces_of_the_models_widths():
         dict(P=1024, NP=1, EVEN=True)]
 
 
+def test_norm_gate_configs_by_width():
+    """The row kernels' configs are tuned per model width; another width takes the nearest tuned width at or above
+    it, a wider one the widest's, and one tuple (as the sweeps and tests set) holds for every width."""
+    table = {384: (2, 2, 16), 768: (1, 1, 16), 1536: (1, 2, 12)}
+    assert [norm_gate._cfg(table, d) for d in (6, 384, 385, 768, 1000, 4096)] == [
+        table[384], table[384], table[768], table[768], table[1536], table[1536]]
+    assert norm_gate._cfg((2, 1, 1), 768) == (2, 1, 1)
+    for cfgs in (norm_gate.FWD_CFG, norm_gate.BWD_CFG):
+        assert set(cfgs) == {384, 768, 1536}  # 2C of hgrn_deit_tiny, _small, _base
+
+
 @pytest.mark.parametrize('dtype', [torch.bfloat16, torch.float16])
 def test_triton_norm_gate_half_inputs(dtype):
     """16-bit x, and no in_bias (the op as called when in_proj is not a plain Linear)."""

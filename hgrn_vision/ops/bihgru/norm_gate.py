@@ -29,15 +29,19 @@ from torch.utils.flop_counter import register_flop_formula
 
 from .fused import _num_sms, _sigmoid, bihgru_bwd, bihgru_fwd, check_triton_device, kernel_op, linear_param_grads
 
-# (tokens per tile, warps, programs per SM) of the forward and the backward, whose programs loop over tiles (the
-# forward loading w and b once, the backward summing the weight and bias gradients of its tokens); each takes at
-# least a warp per *_CHANNELS_PER_WARP channels of a token (2C = 1536, the base model: 2 warps forward, 4 backward,
-# untuned). H200 sweep of these kernels at (256, 256, 384) and (12, 5329, 384), bf16 (run64, `scripts/gpu_scan_tune.py
-# normgate_tune`): forward (1, 1, 16) 73.8 us, (2, 2, 8) 74.0, (1, 2, 8) 81.2; backward (1, 2, 16) 161.7 us,
-# (2, 4, 8) 176.5, (2, 2, 16) 201.5 (it spills 144 bytes in these kernels; the one-tile kernels ran it at 168.9).
-# Larger tiles per warp spill and ran 1.3x to 20x slower (run42).
-FWD_CFG = (1, 1, 16)
-BWD_CFG = (1, 2, 16)
+# (tokens per tile, warps, programs per SM) of the forward and the backward by a token's width D = 2C (the tiny,
+# small and base models'), whose programs loop over tiles (the forward loading w and b once, the backward summing the
+# weight and bias gradients of its tokens); each takes at least a warp per *_CHANNELS_PER_WARP channels of a token
+# (`_warps`: at 1536, 2 warps forward and 4 backward). From an H200 sweep of these kernels at (256, 256, C), bf16
+# (run67, `scripts/gpu_scan_tune.py normgate_tune`, every config in one run): forward at 384 (2, 2, 16) 38.7 us,
+# (1, 1, 16) 45.2; at 768 and 1536 (1, 1, 16) within 1.5% of the best. The backward runs fastest when its persistent
+# programs make whole waves (6 fit an SM at 768 and 2 warps, 168 registers a thread): at 384 (1, 2, 8) 94.7 us,
+# (1, 2, 16) 100.9; at 768 (1, 2, 12) 151.1, (1, 2, 16) 160.6; at 1536 (1, 2, 12) 292.9, (1, 2, 16) 310.7. Larger
+# tiles per warp spill and ran 1.3x to 20x slower (run42, run64). Against the one config for all widths before
+# ((1, 1, 16) / (1, 2, 16)), side by side (run68): forward 1.18x at 384, backward 1.07x / 1.06x / 1.06x at 384 / 768 /
+# 1536. Another width takes the config of the nearest tuned width above it (`_cfg`).
+FWD_CFG = {384: (2, 2, 16), 768: (1, 1, 16), 1536: (1, 1, 16)}
+BWD_CFG = {384: (1, 2, 8), 768: (1, 2, 12), 1536: (1, 2, 12)}
 FWD_CHANNELS_PER_WARP = 768
 BWD_CHANNELS_PER_WARP = 512
 
@@ -206,6 +210,15 @@ def _launch_pieces(D: int) -> dict:
     return dict(P=P, NP=NP, EVEN=P * NP == D)
 
 
+def _cfg(cfg, D: int) -> Tuple[int, int, int]:
+    """A kernel's (tokens per tile, warps, programs per SM) for tokens of D channels from `cfg`: one config for every
+    width, or a dict of them by width (FWD_CFG, BWD_CFG), where D takes the nearest width at or above it (else the
+    widest)."""
+    if isinstance(cfg, tuple):
+        return cfg
+    return cfg[min((w for w in cfg if w >= D), default=max(cfg))]
+
+
 def _warps(warps: int, width: int, channels_per_warp: int) -> int:
     """A row kernel config's warps, raised to a power of two with at least one warp per `channels_per_warp` of a
     token's `width` channels as its tile holds them (padded), so that wide tokens do not spill."""
@@ -222,7 +235,7 @@ def norm_gate_fwd(h, x, weight, bias, eps):
     """`LayerNorm(h) * silu(g)` of h (B, N, 2C) and g = x[..., 3C:] (x (B, N, 5C)), in the dtype of h."""
     B, N, D = h.shape
     y = torch.empty_like(h)
-    rows, warps, programs_per_sm = FWD_CFG
+    rows, warps, programs_per_sm = _cfg(FWD_CFG, D)
     pieces = _launch_pieces(D)
     n_tiles = triton.cdiv(B * N, rows)
     grid = max(1, min(n_tiles, programs_per_sm * _num_sms(h.device)))
@@ -239,7 +252,7 @@ def norm_gate_bwd(dy, h, x, weight, bias, eps, dx, y=None):
     dy = dy if dy.stride(-1) == 1 else dy.contiguous()
     B, N, D = h.shape
     dh = torch.empty_like(h)
-    rows, warps, programs_per_sm = BWD_CFG
+    rows, warps, programs_per_sm = _cfg(BWD_CFG, D)
     pieces = _launch_pieces(D)
     n_tiles = triton.cdiv(B * N, rows)
     grid = min(n_tiles, programs_per_sm * _num_sms(h.device))
