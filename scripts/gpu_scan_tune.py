@@ -5,8 +5,9 @@ Run on the lent GPU: `PYTHONPATH=. python scripts/gpu_scan_tune.py [WHAT ...]` w
 compile, tune (the default: these four), compile_lm (compile with low_memory=True), host (the host-side cost of the
 op's Python paths), onchip (the one-read forward against the two-sweep one), chunks (forced sequence splits),
 normgate (the fused scan + LayerNorm + gate op against the scan op composed with them), normgate_tune (that op's row
-kernels' configs); or `... compare OTHER_FUSED.py` (forward and backward against another version of fused.py, e.g.
-`git show REV:hgrn_vision/ops/bihgru/fused.py > /tmp/f.py`). Prints tables; nothing is timed in tests.
+kernels' configs); or `... compare OTHER_FUSED.py [...]` (forward and backward against other versions of fused.py,
+e.g. `git show REV:hgrn_vision/ops/bihgru/fused.py > /tmp/f.py`, side by side in alternated rounds). Prints tables;
+nothing is timed in tests.
 """
 import importlib.util
 import inspect
@@ -91,27 +92,38 @@ def _without_barriers():
     return _load_kernels(inspect.getsource(fz).replace('tl.debug_barrier()', 'pass'), 'fused_nobarrier')
 
 
-def compare(path, shapes=((256, 256, 384), (64, 1024, 384), (16, 5329, 384), (256, 256, 192), (1, 256, 192))):
-    """Forward and backward of the current kernels against those of another fused.py (e.g. an earlier commit's),
-    side by side in one run, bf16 and fp32, with the current one's error against float64."""
-    with open(path) as f:
-        other = _load_kernels(f.read(), 'fused_other')
+def compare(paths, shapes=((256, 256, 384), (64, 1024, 384), (16, 5329, 384), (256, 256, 192), (1, 256, 192)),
+            rounds=2):
+    """Forward and backward of the current kernels against those of other versions of fused.py (e.g. an earlier
+    commit's, or variants), side by side in one run, bf16 and fp32: each version's max rel. error against float64,
+    then `rounds` alternated rounds of CUDA-graph timings, the better round reported; x = current / version (> 1:
+    the version is faster)."""
+    others = {}
+    for path in paths:
+        with open(path) as f:
+            others[os.path.basename(path)[:-3]] = _load_kernels(f.read(), f'fused_{len(others)}')
+    mods = {'current': fz, **others}
     bw = measure_copy_bandwidth(torch.device('cuda'))['copy_gbps']
-    print(f'== current vs {path}; copy bandwidth {bw:.0f} GB/s; GB/s over 5 (forward) or 8 (backward) elements ==')
+    print(f'== current vs {", ".join(paths)}; copy bandwidth {bw:.0f} GB/s; % of it over 5 (forward) or 8 (backward) '
+          'elements; x = current time / version time (> 1: the version is faster) ==')
     for shape, dtype in itertools.product(shapes, (torch.bfloat16, torch.float32)):
         x = inputs(*shape, dtype)
         do = torch.randn(shape[0], shape[1], 2 * shape[2], device='cuda', dtype=dtype)
         ref = float64_reference(x, do)
-        for name, elems, run, got in (
-                ('fwd', 5, lambda m, x=x: m.bihgru_fwd(*x), [fz.bihgru_fwd(*x)]),
-                ('bwd', 8, lambda m, x=x, do=do: m.bihgru_bwd(do, *x), fz.bihgru_bwd(do, *x))):
+        for name, elems, run, want in (('fwd', 5, lambda m, x=x: [m.bihgru_fwd(*x)], ref[:1]),
+                                       ('bwd', 8, lambda m, x=x, do=do: m.bihgru_bwd(do, *x)[:5], ref[1:])):
             floor = elems * shape[0] * shape[1] * shape[2] * x[0].element_size()
-            ms = [bench(lambda m=m: run(m), rep=100) for m in (fz, other)]
-            err = max(rel_err(a, b) for a, b in zip(got, ref if name == 'fwd' else ref[1:]))
-            pct = [100 * floor / t / 1e6 / bw for t in ms]
-            print(f'{name} {str(shape):>18} {str(dtype)[6:]:>9}  current {ms[0] * 1e3:8.1f} us {pct[0]:5.1f}%'
-                  f'   other {ms[1] * 1e3:8.1f} us {pct[1]:5.1f}%   speed-up {ms[1] / ms[0]:5.2f}x'
-                  f'   current max rel. err {err:.1e}')
+            errs = {k: max(rel_err(a, b) for a, b in zip(run(m), want)) for k, m in mods.items()}
+            ms = {k: [] for k in mods}
+            for _ in range(rounds):
+                for k, m in mods.items():
+                    ms[k].append(bench(lambda m=m: run(m), rep=100))
+            best = {k: min(v) for k, v in ms.items()}
+            print(f'{name} {str(shape):>18} {str(dtype)[6:]:>9}')
+            for k in mods:
+                print(f'    {k:>24} {best[k] * 1e3:8.1f} us {100 * floor / best[k] / 1e6 / bw:5.1f}%'
+                      f'   x {best["current"] / best[k]:5.3f}   err {errs[k]:.1e}   rounds '
+                      + ' '.join(f'{t * 1e3:.1f}' for t in ms[k]))
             sys.stdout.flush()
         del x, do, ref
         torch.cuda.empty_cache()
@@ -387,7 +399,7 @@ if __name__ == '__main__':
     print(torch.cuda.get_device_name(), 'torch', torch.__version__, 'triton', triton.__version__)
     what = sys.argv[1:] or ['stress', 'check', 'compile', 'tune']
     if what[0] == 'compare':
-        compare(what[1])
+        compare(what[1:])
         sys.exit()
     commands = {  # run in this order, whatever the order asked
         'stress': stress, 'check': check, 'compile': compile_model, 'compile_lm': lambda: compile_model(True),
