@@ -349,10 +349,10 @@ def normgate_tune(shapes=((256, 256, 384), (12, 5329, 384), (256, 256, 192), (25
         nbytes = B * N * C * 2
         rows = []
         for cfg in NG_FWD_CFGS:
-            ng.FWD_CFG = cfg
+            ng.FWD_CFG = {D: cfg}
             rows.append((f'fwd {cfg}', bench(lambda: ng.norm_gate_fwd(h, x, w, b, 1e-5), rep=100), 6))
         for cfg in NG_BWD_CFGS:
-            ng.BWD_CFG = cfg
+            ng.BWD_CFG = {D: cfg}
             rows.append((f'bwd {cfg}', bench(lambda: ng.norm_gate_bwd(dy, h, x, w, b, 1e-5, dx), rep=100), 10))
         g = x[..., 3 * C:]
         rows.append(('inductor fwd', bench(lambda: ind(h, g, w, b), rep=100), 6))

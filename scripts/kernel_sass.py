@@ -39,11 +39,9 @@ _SCAN = dict(u_ptr=BF, z_ptr=BF, gamma_ptr=F32, tf_ptr=F32, tr_ptr=F32, out_ptr=
 _ROWS = dict(h_ptr=BF, x_ptr=BF, w_ptr=F32, b_ptr=F32, y_ptr=BF, dy_ptr=BF, dh_ptr=BF, dx_ptr=BF, part_ptr=F32,
              dp_ptr=BF, p_ptr=BF, mean_ptr=F32, rstd_ptr=F32, eps='fp32')
 _NG_D = 768  # 2C of the small model
-_NG_PIECES = ng._launch_pieces(_NG_D)
-_NG_WIDTH = _NG_PIECES['P'] * _NG_PIECES['NP']
-_NG_FWD, _NG_BWD = ng._cfg(ng.FWD_CFG, _NG_D), ng._cfg(ng.BWD_CFG, _NG_D)
-_NG_FWD_WARPS = ng._warps(_NG_FWD[1], _NG_WIDTH, ng.FWD_CHANNELS_PER_WARP)
-_NG_BWD_WARPS = ng._warps(_NG_BWD[1], _NG_WIDTH, ng.BWD_CHANNELS_PER_WARP)
+_NG_FWD_ROWS, _, _NG_FWD_META = ng._launch(ng.FWD_CFG, _NG_D, ng.FWD_CHANNELS_PER_WARP)
+_NG_BWD_ROWS, _, _NG_BWD_META = ng._launch(ng.BWD_CFG, _NG_D, ng.BWD_CHANNELS_PER_WARP)
+_NG_FWD_WARPS, _NG_BWD_WARPS = _NG_FWD_META.pop('num_warps'), _NG_BWD_META.pop('num_warps')
 # name: (kernel, pointer / float types, constexprs, warps) at the 16-bit configs and the small model's widths
 KERNELS = {
     '_bihgru_fwd_kernel': (fz._bihgru_fwd_kernel, _SCAN, dict(BLOCK_C=fz.FWD_CFG[2][0], UNROLL=fz.GROUP,
@@ -51,10 +49,10 @@ KERNELS = {
     '_bihgru_bwd_kernel': (fz._bihgru_bwd_kernel, _SCAN, dict(BLOCK_C=fz.BWD_CFG[2][0], UNROLL=fz.GROUP,
                                                                SUMMARY=False, DZ_IN_DU=True, EVEN=True),
                            fz.BWD_CFG[2][1]),
-    '_norm_gate_fwd_kernel': (ng._norm_gate_fwd_kernel, _ROWS, dict(ROWS=_NG_FWD[0], FLAT=True, **_NG_PIECES),
+    '_norm_gate_fwd_kernel': (ng._norm_gate_fwd_kernel, _ROWS, dict(ROWS=_NG_FWD_ROWS, FLAT=True, **_NG_FWD_META),
                               _NG_FWD_WARPS),
-    '_norm_gate_bwd_kernel': (ng._norm_gate_bwd_kernel, _ROWS, dict(ROWS=_NG_BWD[0], WRITE_Y=False, FLAT=True,
-                                                                     **_NG_PIECES), _NG_BWD_WARPS),
+    '_norm_gate_bwd_kernel': (ng._norm_gate_bwd_kernel, _ROWS, dict(ROWS=_NG_BWD_ROWS, WRITE_Y=False, FLAT=True,
+                                                                     **_NG_BWD_META), _NG_BWD_WARPS),
     '_silu_glu_bwd_kernel': (glu._silu_glu_bwd_kernel, _ROWS, dict(ROWS=glu.BWD_CFG[0], BLOCK_H=glu.BWD_CFG[1]),
                              glu.BWD_CFG[2]),
     '_layer_norm_bwd_kernel': (nl._layer_norm_bwd_kernel, _ROWS, dict(BLOCK_D=512, ROWS=nl.BWD_CFG[0]),

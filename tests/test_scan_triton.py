@@ -220,11 +220,11 @@ def test_norm_gate_pieces_of_the_models_widths():
 
 def test_norm_gate_configs_by_width():
     """The row kernels' configs are tuned per model width; another width takes the nearest tuned width at or above
-    it, a wider one the widest's, and one tuple (as the sweeps and tests set) holds for every width."""
+    it, a wider one the widest's, and a one-entry table (as the sweeps and tests set) holds for every width."""
     table = {384: (2, 2, 16), 768: (1, 1, 16), 1536: (1, 2, 12)}
     assert [norm_gate._cfg(table, d) for d in (6, 384, 385, 768, 1000, 4096)] == [
         table[384], table[384], table[768], table[768], table[1536], table[1536]]
-    assert norm_gate._cfg((2, 1, 1), 768) == (2, 1, 1)
+    assert [norm_gate._cfg({384: (2, 1, 1)}, d) for d in (6, 768, 4096)] == [(2, 1, 1)] * 3
     for cfgs in (norm_gate.FWD_CFG, norm_gate.BWD_CFG):
         assert set(cfgs) == {384, 768, 1536}  # 2C of hgrn_deit_tiny, _small, _base
 
@@ -251,8 +251,8 @@ def test_triton_norm_gate_views_and_tiles(monkeypatch, more_tokens):
     """x as a strided view (rows of a wider tensor; with `more_tokens` also the first N tokens of a longer sequence,
     so that its batch stride is not N times its token stride and the row kernels index by batch and token), dy
     non-contiguous, and several tiles per forward and backward program, the last partial."""
-    monkeypatch.setattr(norm_gate, 'FWD_CFG', (2, 1, 1))
-    monkeypatch.setattr(norm_gate, 'BWD_CFG', (2, 1, 1))  # 2 rows a tile: 19 tiles over 4 programs
+    monkeypatch.setattr(norm_gate, 'FWD_CFG', {6: (2, 1, 1)})
+    monkeypatch.setattr(norm_gate, 'BWD_CFG', {6: (2, 1, 1)})  # 2 rows a tile: 19 tiles over 4 programs
     x, *rest = _norm_gate_inputs(2, 19, 3, torch.float32, seed=2)
     wide = torch.cat([x, torch.randn(2, 19, 4)], -1)
     wide = torch.cat([wide, torch.randn(2, more_tokens, 19)], 1)[:, :19, :15]

@@ -210,13 +210,19 @@ def _launch_pieces(D: int) -> dict:
     return dict(P=P, NP=NP, EVEN=P * NP == D)
 
 
-def _cfg(cfg, D: int) -> Tuple[int, int, int]:
-    """A kernel's (tokens per tile, warps, programs per SM) for tokens of D channels from `cfg`: one config for every
-    width, or a dict of them by width (FWD_CFG, BWD_CFG), where D takes the nearest width at or above it (else the
-    widest)."""
-    if isinstance(cfg, tuple):
-        return cfg
-    return cfg[min((w for w in cfg if w >= D), default=max(cfg))]
+def _cfg(cfgs: dict, D: int) -> Tuple[int, int, int]:
+    """A kernel's (tokens per tile, warps, programs per SM) for tokens of D channels from `cfgs`, a dict of them by
+    width (FWD_CFG, BWD_CFG): D takes the nearest width at or above it, else the widest (so a one-entry dict, as the
+    sweeps and tests set, holds for every width)."""
+    return cfgs[min((w for w in cfgs if w >= D), default=max(cfgs))]
+
+
+def _launch(cfgs: dict, D: int, channels_per_warp: int) -> Tuple[int, int, dict]:
+    """Tokens per tile, programs per SM and the kernel's launch meta (num_warps, pieces) for tokens of D channels:
+    the config from `cfgs` (`_cfg`), its warps raised for wide tokens (`_warps`), the pieces from `_launch_pieces`."""
+    rows, warps, programs_per_sm = _cfg(cfgs, D)
+    pieces = _launch_pieces(D)
+    return rows, programs_per_sm, dict(num_warps=_warps(warps, pieces['P'] * pieces['NP'], channels_per_warp), **pieces)
 
 
 def _warps(warps: int, width: int, channels_per_warp: int) -> int:
@@ -235,14 +241,12 @@ def norm_gate_fwd(h, x, weight, bias, eps):
     """`LayerNorm(h) * silu(g)` of h (B, N, 2C) and g = x[..., 3C:] (x (B, N, 5C)), in the dtype of h."""
     B, N, D = h.shape
     y = torch.empty_like(h)
-    rows, warps, programs_per_sm = _cfg(FWD_CFG, D)
-    pieces = _launch_pieces(D)
+    rows, programs_per_sm, meta = _launch(FWD_CFG, D, FWD_CHANNELS_PER_WARP)
     n_tiles = triton.cdiv(B * N, rows)
     grid = max(1, min(n_tiles, programs_per_sm * _num_sms(h.device)))
     wrap_triton(_norm_gate_fwd_kernel)[(grid,)](
         h, x, weight, bias, y, B * N, N, D, h.stride(0), h.stride(1), x.stride(0), x.stride(1), x.shape[-1] - D,
-        eps, n_tiles, ROWS=rows, FLAT=_flat(N, h, x),
-        num_warps=_warps(warps, pieces['P'] * pieces['NP'], FWD_CHANNELS_PER_WARP), **pieces)
+        eps, n_tiles, ROWS=rows, FLAT=_flat(N, h, x), **meta)
     return y
 
 
@@ -252,16 +256,14 @@ def norm_gate_bwd(dy, h, x, weight, bias, eps, dx, y=None):
     dy = dy if dy.stride(-1) == 1 else dy.contiguous()
     B, N, D = h.shape
     dh = torch.empty_like(h)
-    rows, warps, programs_per_sm = _cfg(BWD_CFG, D)
-    pieces = _launch_pieces(D)
+    rows, programs_per_sm, meta = _launch(BWD_CFG, D, BWD_CHANNELS_PER_WARP)
     n_tiles = triton.cdiv(B * N, rows)
     grid = min(n_tiles, programs_per_sm * _num_sms(h.device))
     part = torch.empty(grid, 3, D, device=h.device, dtype=torch.float32)
     wrap_triton(_norm_gate_bwd_kernel)[(grid,)](
         dy, h, x, weight, bias, dh, dx, part, y, B * N, N, D, h.stride(0), h.stride(1), x.stride(0), x.stride(1),
         dy.stride(0), dy.stride(1), dx.stride(0), dx.stride(1), x.shape[-1] - D, eps, n_tiles,
-        ROWS=rows, WRITE_Y=y is not None, FLAT=_flat(N, h, x, dy, dx),
-        num_warps=_warps(warps, pieces['P'] * pieces['NP'], BWD_CHANNELS_PER_WARP), **pieces)
+        ROWS=rows, WRITE_Y=y is not None, FLAT=_flat(N, h, x, dy, dx), **meta)
     dw, db, dgs = part.sum(0).unbind(0)
     return dh, dw.to(weight.dtype, copy=True), db.to(bias.dtype, copy=True), dgs
 
