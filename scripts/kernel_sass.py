@@ -42,32 +42,33 @@ _NG_D = 768  # 2C of the small model
 _NG_FWD_ROWS, _, _NG_FWD_META = ng._launch(ng.FWD_CFG, _NG_D, ng.FWD_CHANNELS_PER_WARP)
 _NG_BWD_ROWS, _, _NG_BWD_META = ng._launch(ng.BWD_CFG, _NG_D, ng.BWD_CHANNELS_PER_WARP)
 _NG_FWD_WARPS, _NG_BWD_WARPS = _NG_FWD_META.pop('num_warps'), _NG_BWD_META.pop('num_warps')
-# name: (kernel, pointer / float types, constexprs, warps) at the 16-bit configs and the small model's widths
+# name: (kernel, pointer / float types, constexprs, compile options) at the 16-bit configs and the small model's widths
 KERNELS = {
     '_bihgru_fwd_kernel': (fz._bihgru_fwd_kernel, _SCAN, dict(BLOCK_C=fz.FWD_CFG[2][0], UNROLL=fz.GROUP,
-                                                               SUMMARY=False, EVEN=True), fz.FWD_CFG[2][1]),
+                                                               SUMMARY=False, EVEN=True, AHEAD=fz.FWD_AHEAD[2]),
+                           dict(num_warps=fz.FWD_CFG[2][1])),
     '_bihgru_bwd_kernel': (fz._bihgru_bwd_kernel, _SCAN, dict(BLOCK_C=fz.BWD_CFG[2][0], UNROLL=fz.GROUP,
                                                                SUMMARY=False, DZ_IN_DU=True, EVEN=True),
-                           fz.BWD_CFG[2][1]),
+                           dict(num_warps=fz.BWD_CFG[2][1], maxnreg=fz.BWD_MAXNREG)),
     '_norm_gate_fwd_kernel': (ng._norm_gate_fwd_kernel, _ROWS, dict(ROWS=_NG_FWD_ROWS, FLAT=True, **_NG_FWD_META),
-                              _NG_FWD_WARPS),
+                              dict(num_warps=_NG_FWD_WARPS)),
     '_norm_gate_bwd_kernel': (ng._norm_gate_bwd_kernel, _ROWS, dict(ROWS=_NG_BWD_ROWS, WRITE_Y=False, FLAT=True,
-                                                                     **_NG_BWD_META), _NG_BWD_WARPS),
+                                                                     **_NG_BWD_META), dict(num_warps=_NG_BWD_WARPS)),
     '_silu_glu_bwd_kernel': (glu._silu_glu_bwd_kernel, _ROWS, dict(ROWS=glu.BWD_CFG[0], BLOCK_H=glu.BWD_CFG[1]),
-                             glu.BWD_CFG[2]),
+                             dict(num_warps=glu.BWD_CFG[2])),
     '_layer_norm_bwd_kernel': (nl._layer_norm_bwd_kernel, _ROWS, dict(BLOCK_D=512, ROWS=nl.BWD_CFG[0]),
-                               ng._warps(nl.BWD_CFG[1], 512, ng.BWD_CHANNELS_PER_WARP)),
+                               dict(num_warps=ng._warps(nl.BWD_CFG[1], 512, ng.BWD_CHANNELS_PER_WARP))),
 }
 
 
-def compile_sm90(kernel, types, constexprs, warps):
+def compile_sm90(kernel, types, constexprs, options):
     """(ptxas -v's register / spill line, [(address, opcode)] of the SASS) of `kernel` for sm_90a."""
     params = list(kernel.arg_names)
     signature = {p: 'constexpr' if p in constexprs else types.get(p, 'i32') for p in params}
     attrs = {(i,): [['tt.divisibility', 16]] for i, p in enumerate(params)
              if p not in constexprs and types.get(p, 'i32') != 'fp32'}
     src = ASTSource(kernel, signature, constexprs={(params.index(k),): v for k, v in constexprs.items()}, attrs=attrs)
-    compiled = triton.compile(src, target=GPUTarget('cuda', 90, 32), options={'num_warps': warps})
+    compiled = triton.compile(src, target=GPUTarget('cuda', 90, 32), options=options)
     with tempfile.TemporaryDirectory() as d:
         ptx, cubin = os.path.join(d, 'k.ptx'), os.path.join(d, 'k.cubin')
         with open(ptx, 'w') as f:
@@ -107,9 +108,9 @@ def main(names):
     for name in names:
         if name not in KERNELS:
             raise SystemExit(f'unknown kernel {name!r}: one of {", ".join(KERNELS)}')
-        kernel, types, constexprs, warps = KERNELS[name]
-        info, instrs = compile_sm90(kernel, types, constexprs, warps)
-        print(f'{name} {constexprs} warps={warps}: {info}')
+        kernel, types, constexprs, options = KERNELS[name]
+        info, instrs = compile_sm90(kernel, types, constexprs, options)
+        print(f'{name} {constexprs} {options}: {info}')
         print(f'  whole kernel {describe(collections.Counter(op for _, op, _ in instrs))}')
         for lo, hi in loops(instrs):
             body = collections.Counter(op for a, op, _ in instrs if lo <= a <= hi)

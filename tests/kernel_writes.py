@@ -52,11 +52,13 @@ def main():
     bwd_rest = (part, summ, stash, N, C, 2, 32, *ones)  # after dz: buffers, sizes, strides
     cases = {
         '_bihgru_fwd_kernel': (fz._bihgru_fwd_kernel, (u, z, *vec, y, summ, stash, N, C, 2, 32, *ones[:11]),
-                               dict(BLOCK_C=32, UNROLL=4, SUMMARY=False, EVEN=False)),
+                               dict(BLOCK_C=32, UNROLL=4, SUMMARY=False, EVEN=False, AHEAD=True)),
+        '_bihgru_fwd_kernel not AHEAD': (fz._bihgru_fwd_kernel, (u, z, *vec, y, summ, stash, N, C, 2, 32, *ones[:11]),
+                                         dict(BLOCK_C=32, UNROLL=4, SUMMARY=False, EVEN=False, AHEAD=False)),
         '_bihgru_fwd_kernel EVEN': (fz._bihgru_fwd_kernel, (u, z, *vec, y, summ, stash, N, C, 2, 32, *ones[:11]),
-                                    dict(BLOCK_C=32, UNROLL=4, SUMMARY=False, EVEN=True)),
+                                    dict(BLOCK_C=32, UNROLL=4, SUMMARY=False, EVEN=True, AHEAD=True)),
         '_bihgru_fwd_kernel SUMMARY': (fz._bihgru_fwd_kernel, (u, z, *vec, y, summ, stash, N, C, 2, 32, *ones[:11]),
-                                       dict(BLOCK_C=32, UNROLL=4, SUMMARY=True, EVEN=False)),
+                                       dict(BLOCK_C=32, UNROLL=4, SUMMARY=True, EVEN=False, AHEAD=False)),
         '_bihgru_fwd_onchip_kernel': (fz._bihgru_fwd_onchip_kernel, (u, z, *vec, y, N, C, *ones[:6]),
                                       dict(BLOCK_C=16, T=8, W=8)),
         '_bihgru_bwd_kernel': (fz._bihgru_bwd_kernel, (u, z, *vec, dy, du, dz, *bwd_rest),

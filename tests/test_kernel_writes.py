@@ -10,6 +10,7 @@ import sys
 
 EXPECTED = {
     '_bihgru_fwd_kernel': 'out_ptr scr_ptr',
+    '_bihgru_fwd_kernel not AHEAD': 'out_ptr scr_ptr',
     '_bihgru_fwd_kernel EVEN': 'out_ptr scr_ptr',
     '_bihgru_fwd_kernel SUMMARY': 'sum_ptr',
     '_bihgru_fwd_onchip_kernel': 'out_ptr',

@@ -86,8 +86,11 @@ def test_triton_onchip_chunks(cfg, monkeypatch):
     assert rel_err(fused.bihgru_fwd(*inputs), ref) < 1e-5
 
 
-def test_triton_chunked_two_level_scan(monkeypatch):
-    """Sequences longer than a chunk: chunk summaries, then carries folded in; forced here with tiny chunks."""
+@pytest.mark.parametrize('ahead', [False, True])
+def test_triton_chunked_two_level_scan(ahead, monkeypatch):
+    """Sequences longer than a chunk: chunk summaries, then carries folded in; forced here with tiny chunks. The
+    forward with and without its loads a group ahead (FWD_AHEAD, by default only for 16-bit inputs), in fp32."""
+    monkeypatch.setattr(fused, 'FWD_AHEAD', {4: ahead})
     monkeypatch.setattr(fused, 'MIN_CHUNK', 4)
     monkeypatch.setattr(fused, 'ONCHIP_MAX_N', 0)  # the two-sweep forward (the backward always is)
     B, N, C = 2, 19, 3

@@ -50,6 +50,15 @@ from torch.library import wrap_triton
 # configs were not swept again, so they keep (64, 2, 8).
 FWD_CFG = {2: (32, 1, 16), 4: (64, 2, 8)}
 BWD_CFG = {2: (32, 1, 16), 4: (64, 2, 8)}
+# Whether the two-sweep forward loads each group a group ahead, by input element size. H200 (run69-run71), against the
+# kernel before (no loads ahead, rows stored through a shared-memory tile): bf16 1.02x-1.10x (1.10x at (256, 256, 384));
+# fp32 0.87x-0.99x ahead, 0.98x-0.99x not (the rows loaded ahead cost registers, so resident programs, and fp32 rows
+# already keep twice the bytes in flight).
+FWD_AHEAD = {2: True, 4: False}
+# The two-sweep backward's register cap: uncapped it takes 144 registers, which hold 14 one-warp programs an SM; at 128
+# (no spills, Triton 3.6 sm_90a) 16 fit. H200 bf16 (run69): 1.00x-1.03x of uncapped; against the kernel before row
+# stores (a tile through shared memory), 1.04x at (256, 256, 384), 1.15x at (16, 5329, 384); fp32 0.95x-1.16x.
+BWD_MAXNREG = 128
 MIN_CHUNK = 64
 # The one-read forward (`_bihgru_fwd_onchip_kernel`): (channels per program, rows per chunk T), one thread per
 # chunk and channel. A program holds its whole sequence in registers, so few programs fit on an SM: it wins where
@@ -133,15 +142,6 @@ def _before(t, t1, EVEN: tl.constexpr):
 
 
 @triton.jit
-def _tile_mask(rows, t1, cmask, EVEN: tl.constexpr):
-    """The (rows, channels) mask of a group's output tile."""
-    if EVEN:
-        return tl.full([rows.shape[0], cmask.shape[0]], True, tl.int1)
-    else:
-        return (rows < t1)[:, None] & cmask[None, :]
-
-
-@triton.jit
 def _load_row(u_ptr, z_ptr, cs, m):
     """z, Re u, Im u of one token row of BLOCK_C channels (channel stride 1) in fp32; 0 outside the mask."""
     z = tl.load(z_ptr + cs, mask=m, other=0.).to(tl.float32)
@@ -157,6 +157,15 @@ def _load_group(ub, zb, s_un, s_zn, cs, m, g, t1, EVEN: tl.constexpr):
             _load_row(ub + (g + 1) * s_un, zb + (g + 1) * s_zn, cs, m & _before(g + 1, t1, EVEN)),
             _load_row(ub + (g + 2) * s_un, zb + (g + 2) * s_zn, cs, m & _before(g + 2, t1, EVEN)),
             _load_row(ub + (g + 3) * s_un, zb + (g + 3) * s_zn, cs, m & _before(g + 3, t1, EVEN)))
+
+
+@triton.jit
+def _group_and_stash(ub, zb, xb, s_un, s_zn, s_xn, cs, C, m, g, t1, EVEN: tl.constexpr):
+    """The two-sweep forward's reverse-sweep inputs of the group from g: its rows (`_load_group`) and the stashed
+    hf entering it (Re, Im)."""
+    x = xb + (g // 4) * s_xn
+    grp = _load_group(ub, zb, s_un, s_zn, cs, m, g, t1, EVEN)
+    return grp, tl.load(x, mask=m, other=0.), tl.load(x + C, mask=m, other=0.)
 
 
 @triton.jit
@@ -184,9 +193,10 @@ def _gates(row, m, gamma):
 
 
 @triton.jit
-def _put(x, ridx, r: tl.constexpr, row):
-    """The (UNROLL, BLOCK_C) tile x with its row r replaced by `row` (an in-register select per element)."""
-    return tl.where(ridx[:, None] == r, row[None, :], x)
+def _store_row(p, C, m, yr, yi):
+    """One output row: Re at p, Im at p + C, in the pointer's dtype."""
+    tl.store(p, yr.to(p.dtype.element_ty), mask=m)
+    tl.store(p + C, yi.to(p.dtype.element_ty), mask=m)
 
 
 @triton.jit
@@ -236,20 +246,19 @@ def _bihgru_fwd_kernel(
         N, C, n_chunks, chunk_len,
         s_ub, s_un, s_zb, s_zn, s_ob, s_on, s_sb, s_sk, s_ss, s_xb, s_xn,
         BLOCK_C: tl.constexpr, UNROLL: tl.constexpr, SUMMARY: tl.constexpr, EVEN: tl.constexpr,
+        AHEAD: tl.constexpr,
 ):
     """Token by token, BLOCK_C channels wide: a forward sweep writes hf, a reverse sweep adds hr (rows still cached).
 
     SUMMARY: write the chunk's (A, b) per direction instead. Loads are unrolled UNROLL rows deep so they overlap.
     EVEN: C is a multiple of BLOCK_C and every chunk a whole number of groups (`_even`): no masks.
+    AHEAD: both sweeps issue the next group's loads before this group's math (`FWD_AHEAD`).
     """
     b, k = tl.program_id(1).to(tl.int64), tl.program_id(2)
     cs = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
     cmask = _channel_mask(cs, C, EVEN)
     gamma, cf, sf, cr_, sr_ = _channels(gamma_ptr, tf_ptr, tr_ptr, cs, cmask)
     ub, zb, ob = u_ptr + b * s_ub, z_ptr + b * s_zb, out_ptr + b * s_ob
-    cl = tl.where(cs < C, cs, 0)  # not provably contiguous: tiles keep one column per thread, no vectorised split
-    ridx = tl.arange(0, UNROLL)
-    tile0 = tl.zeros([UNROLL, BLOCK_C], tl.float32)
     t0 = k * chunk_len
     t1 = tl.minimum(t0 + chunk_len, N)
     if SUMMARY:
@@ -270,47 +279,61 @@ def _bihgru_fwd_kernel(
         tl.static_assert(UNROLL == 4, 'the reverse sweep below is written out for groups of 4 rows (GROUP)')
         # forward sweep: hf over the chunk, only the state entering each group of 4 rows stashed (2 floats)
         hr_, hi_ = _fold_carries(sum_ptr + b * s_sb, s_sk, s_ss, cs, cmask, k, n_chunks, 0, True)
+        grp = _load_group(ub, zb, s_un, s_zn, cs, cmask, t0, t1, EVEN)
         for g in range(t0, t1, 4):
+            if AHEAD:
+                nxt = _load_group(ub, zb, s_un, s_zn, cs, cmask, g + 4, t1, False)  # in flight during this group
             x = scr_ptr + b * s_xb + (g // 4) * s_xn + cs
             tl.store(x, hr_, mask=cmask)
             tl.store(x + C, hi_, mask=cmask)
             for r in tl.static_range(4):
                 m = cmask & _before(g + r, t1, EVEN)
-                lam, vr, vi = _row_gates(ub + (g + r) * s_un, zb + (g + r) * s_zn, cs, m, gamma)
+                lam, vr, vi = _gates(grp[r], m, gamma)
                 hr_, hi_ = _step(hr_, hi_, lam, vr, vi, cf, sf)
+            if AHEAD:
+                grp = nxt
+            else:
+                grp = _load_group(ub, zb, s_un, s_zn, cs, cmask, g + 4, t1, False)
         tl.debug_barrier()  # the reverse sweep reads the stash just written: order those stores before its loads
         # reverse sweep, a group at a time from the last: the group's gates once, hf recomputed from the stash going
         # up, hr going down, hf + hr written once
         hr_, hi_ = _fold_carries(sum_ptr + b * s_sb, s_sk, s_ss, cs, cmask, k, n_chunks, 4, False)
         n_groups = tl.cdiv(t1 - t0, 4)
+        xb = scr_ptr + b * s_xb + cs
+        grp, fr, fi = _group_and_stash(ub, zb, xb, s_un, s_zn, s_xn, cs, C, cmask, t0 + (n_groups - 1) * 4, t1, EVEN)
         for j in range(0, n_groups):
             g = t0 + (n_groups - 1 - j) * 4
-            x = scr_ptr + b * s_xb + (g // 4) * s_xn + cs
-            fr, fi = tl.load(x, mask=cmask, other=0.), tl.load(x + C, mask=cmask, other=0.)
+            mn = cmask & (j + 1 < n_groups)  # the group before this one
+            if AHEAD:
+                nxt = _group_and_stash(ub, zb, xb, s_un, s_zn, s_xn, cs, C, mn, g - 4, t1, EVEN)
             m0, m1 = cmask & _before(g, t1, EVEN), cmask & _before(g + 1, t1, EVEN)
             m2, m3 = cmask & _before(g + 2, t1, EVEN), cmask & _before(g + 3, t1, EVEN)
-            l0, vr0, vi0 = _row_gates(ub + g * s_un, zb + g * s_zn, cs, m0, gamma)
-            l1, vr1, vi1 = _row_gates(ub + (g + 1) * s_un, zb + (g + 1) * s_zn, cs, m1, gamma)
-            l2, vr2, vi2 = _row_gates(ub + (g + 2) * s_un, zb + (g + 2) * s_zn, cs, m2, gamma)
-            l3, vr3, vi3 = _row_gates(ub + (g + 3) * s_un, zb + (g + 3) * s_zn, cs, m3, gamma)
+            l0, vr0, vi0 = _gates(grp[0], m0, gamma)
+            l1, vr1, vi1 = _gates(grp[1], m1, gamma)
+            l2, vr2, vi2 = _gates(grp[2], m2, gamma)
+            l3, vr3, vi3 = _gates(grp[3], m3, gamma)
             # rows past t1 (only in the sequence's last group, whose incoming hr is 0) have lam = v = 0: h stays 0
             fr0, fi0 = _step(fr, fi, l0, vr0, vi0, cf, sf)
             fr1, fi1 = _step(fr0, fi0, l1, vr1, vi1, cf, sf)
             fr2, fi2 = _step(fr1, fi1, l2, vr2, vi2, cf, sf)
             fr3, fi3 = _step(fr2, fi2, l3, vr3, vi3, cf, sf)
             hr_, hi_ = _step(hr_, hi_, l3, vr3, vi3, cr_, sr_)
-            o_r, o_i = _put(tile0, ridx, 3, fr3 + hr_), _put(tile0, ridx, 3, fi3 + hi_)
+            y3r, y3i = fr3 + hr_, fi3 + hi_
             hr_, hi_ = _step(hr_, hi_, l2, vr2, vi2, cr_, sr_)
-            o_r, o_i = _put(o_r, ridx, 2, fr2 + hr_), _put(o_i, ridx, 2, fi2 + hi_)
+            y2r, y2i = fr2 + hr_, fi2 + hi_
             hr_, hi_ = _step(hr_, hi_, l1, vr1, vi1, cr_, sr_)
-            o_r, o_i = _put(o_r, ridx, 1, fr1 + hr_), _put(o_i, ridx, 1, fi1 + hi_)
+            y1r, y1i = fr1 + hr_, fi1 + hi_
             hr_, hi_ = _step(hr_, hi_, l0, vr0, vi0, cr_, sr_)
-            o_r, o_i = _put(o_r, ridx, 0, fr0 + hr_), _put(o_i, ridx, 0, fi0 + hi_)
-            rows = g + ridx
-            mt = _tile_mask(rows, t1, cmask, EVEN)
-            o = ob + rows[:, None] * s_on + cl[None, :]
-            tl.store(o, o_r.to(out_ptr.dtype.element_ty), mask=mt)
-            tl.store(o + C, o_i.to(out_ptr.dtype.element_ty), mask=mt)
+            y0r, y0i = fr0 + hr_, fi0 + hi_
+            # the group's rows stored one by one after its math (no tile: no layout change through shared memory)
+            _store_row(ob + g * s_on + cs, C, m0, y0r, y0i)
+            _store_row(ob + (g + 1) * s_on + cs, C, m1, y1r, y1i)
+            _store_row(ob + (g + 2) * s_on + cs, C, m2, y2r, y2i)
+            _store_row(ob + (g + 3) * s_on + cs, C, m3, y3r, y3i)
+            if AHEAD:
+                grp, fr, fi = nxt
+            else:
+                grp, fr, fi = _group_and_stash(ub, zb, xb, s_un, s_zn, s_xn, cs, C, mn, g - 4, t1, EVEN)
 
 
 @triton.jit
@@ -411,9 +434,6 @@ def _bihgru_bwd_kernel(
     cmask = _channel_mask(cs, C, EVEN)
     gamma, cf, sf, cr_, sr_ = _channels(gamma_ptr, tf_ptr, tr_ptr, cs, cmask)
     ub, zb, db = u_ptr + b * s_ub, z_ptr + b * s_zb, do_ptr + b * s_db
-    cl = tl.where(cs < C, cs, 0)
-    ridx = tl.arange(0, UNROLL)
-    tile0 = tl.zeros([UNROLL, BLOCK_C], tl.float32)
     t0 = k * chunk_len
     t1 = tl.minimum(t0 + chunk_len, N)
     zero = tl.zeros([BLOCK_C], tl.float32)
@@ -497,35 +517,40 @@ def _bihgru_bwd_kernel(
             row1, carry = _fwd_row(rows[1], grows[1], gamma, cf, sf, cr_, sr_, cmask & _before(g + 1, t1, EVEN), carry)
             row2, carry = _fwd_row(rows[2], grows[2], gamma, cf, sf, cr_, sr_, cmask & _before(g + 2, t1, EVEN), carry)
             row3, carry = _fwd_row(rows[3], grows[3], gamma, cf, sf, cr_, sr_, cmask & _before(g + 3, t1, EVEN), carry)
-            dz_t, dur_t, dui_t = tile0, tile0, tile0
             st = (hr_, hi_, fr, fi, lam_next, dgam, dthf, dthr)
-            st, d = _grad_row(st, row3, g + 3, t1, cmask, gamma, cf, sf, cr_, sr_, EVEN)
-            dz_t, dur_t, dui_t = _put(dz_t, ridx, 3, d[0]), _put(dur_t, ridx, 3, d[1]), _put(dui_t, ridx, 3, d[2])
-            st, d = _grad_row(st, row2, g + 2, t1, cmask, gamma, cf, sf, cr_, sr_, EVEN)
-            dz_t, dur_t, dui_t = _put(dz_t, ridx, 2, d[0]), _put(dur_t, ridx, 2, d[1]), _put(dui_t, ridx, 2, d[2])
-            st, d = _grad_row(st, row1, g + 1, t1, cmask, gamma, cf, sf, cr_, sr_, EVEN)
-            dz_t, dur_t, dui_t = _put(dz_t, ridx, 1, d[0]), _put(dur_t, ridx, 1, d[1]), _put(dui_t, ridx, 1, d[2])
-            st, d = _grad_row(st, row0, g, t1, cmask, gamma, cf, sf, cr_, sr_, EVEN)
-            dz_t, dur_t, dui_t = _put(dz_t, ridx, 0, d[0]), _put(dur_t, ridx, 0, d[1]), _put(dui_t, ridx, 0, d[2])
+            st, d3 = _grad_row(st, row3, g + 3, t1, cmask, gamma, cf, sf, cr_, sr_, EVEN)
+            st, d2 = _grad_row(st, row2, g + 2, t1, cmask, gamma, cf, sf, cr_, sr_, EVEN)
+            st, d1 = _grad_row(st, row1, g + 1, t1, cmask, gamma, cf, sf, cr_, sr_, EVEN)
+            st, d0 = _grad_row(st, row0, g, t1, cmask, gamma, cf, sf, cr_, sr_, EVEN)
             hr_, hi_, fr, fi, lam_next, dgam, dthf, dthr = st
-            ts = g + ridx
-            mt = _tile_mask(ts, t1, cmask, EVEN)
             if DZ_IN_DU:
-                dzb = du_ptr + 2 * C + b * s_hb
+                dzb = du_ptr + 2 * C + b * s_hb + cs
             else:
-                dzb = dz_ptr + b * s_hb
-            tl.store(dzb + ts[:, None] * s_hn + cl[None, :], dz_t.to(du_ptr.dtype.element_ty), mask=mt)
-            dub = du_ptr + b * s_gb + ts[:, None] * s_gn + 2 * cl[None, :]
-            tl.store(dub, dur_t.to(du_ptr.dtype.element_ty), mask=mt)
-            tl.store(dub + 1, dui_t.to(du_ptr.dtype.element_ty), mask=mt)
-            sz += tl.sum(tl.where(mt, dz_t, 0.), 0)
-            sur += tl.sum(tl.where(mt, dur_t, 0.), 0)
-            sui += tl.sum(tl.where(mt, dui_t, 0.), 0)
+                dzb = dz_ptr + b * s_hb + cs
+            # the group's rows stored one by one after its math (no tile: no layout change through shared memory)
+            dub = du_ptr + b * s_gb + 2 * cs
+            sums = (sz, sur, sui)
+            sums = _store_grads(dzb + g * s_hn, dub + g * s_gn, cmask & _before(g, t1, EVEN), d0, sums)
+            sums = _store_grads(dzb + (g + 1) * s_hn, dub + (g + 1) * s_gn, cmask & _before(g + 1, t1, EVEN), d1, sums)
+            sums = _store_grads(dzb + (g + 2) * s_hn, dub + (g + 2) * s_gn, cmask & _before(g + 2, t1, EVEN), d2, sums)
+            sums = _store_grads(dzb + (g + 3) * s_hn, dub + (g + 3) * s_gn, cmask & _before(g + 3, t1, EVEN), d3, sums)
+            sz, sur, sui = sums
             rows, grows, stash = nxt, gnxt, snxt
         pp = part_ptr + b * s_pb + k * s_pk + cs
         sums = (dgam, dthf, dthr, sz, sur, sui)
         for i in tl.static_range(6):
             tl.store(pp + i * s_ps, sums[i], mask=cmask)
+
+
+@triton.jit
+def _store_grads(dzp, dup, m, d, sums):
+    """One row's dz at dzp and (Re du, Im du) pairs at dup, in the pointers' dtype; `sums` (of dz, Re du, Im du over
+    the rows so far) plus this row's."""
+    dz, dur, dui = d
+    tl.store(dzp, dz.to(dzp.dtype.element_ty), mask=m)
+    tl.store(dup, dur.to(dup.dtype.element_ty), mask=m)
+    tl.store(dup + 1, dui.to(dup.dtype.element_ty), mask=m)
+    return sums[0] + tl.where(m, dz, 0.), sums[1] + tl.where(m, dur, 0.), sums[2] + tl.where(m, dui, 0.)
 
 
 @triton.jit
@@ -632,7 +657,8 @@ def bihgru_fwd(u, z, gamma, theta_f, theta_r) -> torch.Tensor:
     args = (u, z, gamma, theta_f, theta_r, out, summ, stash, N, C, n_chunks, chunk_len, u.stride(0), u.stride(1),
             z.stride(0), z.stride(1), out.stride(0), out.stride(1), *_sum_strides(summ, n_chunks), stash.stride(0),
             stash.stride(1))
-    meta = dict(BLOCK_C=cfg[0], UNROLL=GROUP, num_warps=cfg[1], EVEN=_even(N, C, cfg[0]))
+    meta = dict(BLOCK_C=cfg[0], UNROLL=GROUP, num_warps=cfg[1], EVEN=_even(N, C, cfg[0]),
+                AHEAD=FWD_AHEAD[u.element_size()])
     if n_chunks > 1:
         wrap_triton(_bihgru_fwd_kernel)[grid](*args, SUMMARY=True, **meta)
     wrap_triton(_bihgru_fwd_kernel)[grid](*args, SUMMARY=False, **meta)
@@ -663,7 +689,8 @@ def bihgru_bwd(dout, u, z, gamma, theta_f, theta_r, dx=None):
             u.stride(0), u.stride(1), z.stride(0), z.stride(1), dout.stride(0), dout.stride(1),
             du.stride(0), du.stride(1), dz.stride(0), dz.stride(1), *_sum_strides(summ, n_chunks),
             *part.stride()[:3], stash.stride(0), stash.stride(1))
-    meta = dict(BLOCK_C=cfg[0], UNROLL=GROUP, num_warps=cfg[1], DZ_IN_DU=dx is not None, EVEN=_even(N, C, cfg[0]))
+    meta = dict(BLOCK_C=cfg[0], UNROLL=GROUP, num_warps=cfg[1], maxnreg=BWD_MAXNREG, DZ_IN_DU=dx is not None,
+                EVEN=_even(N, C, cfg[0]))
     if n_chunks > 1:
         wrap_triton(_bihgru_bwd_kernel)[grid](*args, SUMMARY=True, **meta)
     wrap_triton(_bihgru_bwd_kernel)[grid](*args, SUMMARY=False, **meta)
