@@ -92,6 +92,13 @@ def _without_barriers():
     return _load_kernels(inspect.getsource(fz).replace('tl.debug_barrier()', 'pass'), 'fused_nobarrier')
 
 
+def _directions(x, do, ref):
+    """(name, floor elements per (B, N, C) element, run(module) -> outputs, their float64 references) of the forward
+    and the backward at inputs x and output gradient do, ref from `float64_reference(x, do)`."""
+    return (('fwd', 5, lambda m: [m.bihgru_fwd(*x)], ref[:1]),
+            ('bwd', 8, lambda m: m.bihgru_bwd(do, *x)[:5], ref[1:]))
+
+
 def compare(paths, shapes=((256, 256, 384), (64, 1024, 384), (16, 5329, 384), (256, 256, 192), (1, 256, 192)),
             rounds=2):
     """Forward and backward of the current kernels against those of other versions of fused.py (e.g. an earlier
@@ -110,8 +117,7 @@ def compare(paths, shapes=((256, 256, 384), (64, 1024, 384), (16, 5329, 384), (2
         x = inputs(*shape, dtype)
         do = torch.randn(shape[0], shape[1], 2 * shape[2], device='cuda', dtype=dtype)
         ref = float64_reference(x, do)
-        for name, elems, run, want in (('fwd', 5, lambda m, x=x: [m.bihgru_fwd(*x)], ref[:1]),
-                                       ('bwd', 8, lambda m, x=x, do=do: m.bihgru_bwd(do, *x)[:5], ref[1:])):
+        for name, elems, run, want in _directions(x, do, ref):
             floor = elems * shape[0] * shape[1] * shape[2] * x[0].element_size()
             errs = {k: max(rel_err(a, b) for a, b in zip(run(m), want)) for k, m in mods.items()}
             ms = {k: [] for k in mods}
@@ -218,10 +224,9 @@ def chunks(shapes=((256, 256, 384), (256, 256, 192)), splits=(1, 2, 4, 8)):
             rows = triton.cdiv(triton.cdiv(shape[1], n), fz.GROUP) * fz.GROUP
             fz._chunks = lambda B, N, C, device, cfg, rows=rows: (triton.cdiv(C, cfg[0]), triton.cdiv(N, rows),
                                                                    rows)
-            for name, run, want in (('fwd', lambda x=x: [fz.bihgru_fwd(*x)], ref[:1]),
-                                    ('bwd', lambda x=x, do=do: fz.bihgru_bwd(do, *x)[:5], ref[1:])):
-                err = max(rel_err(a, b) for a, b in zip(run(), want))
-                t = bench(run, rep=100)
+            for name, _, run, want in _directions(x, do, ref):
+                err = max(rel_err(a, b) for a, b in zip(run(fz), want))
+                t = bench(lambda: run(fz), rep=100)
                 base.setdefault(name, t)
                 print(f'{name} {str(shape):>16} {n} x {rows:>3} rows {t * 1e3:8.1f} us  speed-up {base[name] / t:5.2f}x'
                       f'  err {err:.1e}', flush=True)
