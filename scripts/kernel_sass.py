@@ -34,7 +34,8 @@ BIN = os.path.join(os.path.dirname(triton.__file__), 'backends', 'nvidia', 'bin'
 INT_OPS = ('IADD3', 'IMAD', 'LEA', 'ISETP', 'SHF', 'PRMT', 'LOP3', 'SEL', 'VIADD', 'IABS', 'IMNMX')
 FP_OPS = ('FMUL', 'FFMA', 'FADD', 'FSEL', 'FSETP', 'MUFU', 'FMNMX', 'F2FP')
 BF, F32 = '*bf16', '*fp32'
-_SCAN = dict(u_ptr=BF, z_ptr=BF, gamma_ptr=F32, tf_ptr=F32, tr_ptr=F32, out_ptr=BF, do_ptr=BF, du_ptr=BF, dz_ptr=BF,
+# u as the models' launches pass it: bf16 (Re, Im) pairs read as int32 (fused._as_pairs)
+_SCAN = dict(u_ptr='*i32', z_ptr=BF, gamma_ptr=F32, tf_ptr=F32, tr_ptr=F32, out_ptr=BF, do_ptr=BF, du_ptr=BF, dz_ptr=BF,
              part_ptr=F32, sum_ptr=F32, scr_ptr=F32)
 _ROWS = dict(h_ptr=BF, x_ptr=BF, w_ptr=F32, b_ptr=F32, y_ptr=BF, dy_ptr=BF, dh_ptr=BF, dx_ptr=BF, part_ptr=F32,
              dp_ptr=BF, p_ptr=BF, mean_ptr=F32, rstd_ptr=F32, eps='fp32')

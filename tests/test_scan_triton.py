@@ -125,6 +125,23 @@ def test_triton_half_inputs(dtype, fwd_kernel):
     assert all(e < BOUND[dtype] for e in errs.values()), errs
 
 
+def test_triton_bf16_pairs(fwd_kernel, monkeypatch):
+    """bf16 u read as int32 (Re, Im) pairs (`_as_pairs`, where every stride is even) gives the very bits of the two
+    16-bit loads; an odd row stride keeps the 16-bit loads."""
+    u, z, gamma, tf, tr = make_scan_inputs(2, 9, 5, dtype=torch.float32, seed=6)
+    u, z = u.bfloat16(), z.bfloat16()
+    assert fused._as_pairs(u).dtype == torch.int32
+    assert fused._as_pairs(torch.zeros(2, 9, 11, dtype=torch.bfloat16)[..., :10]).dtype == torch.bfloat16
+    assert fused._as_pairs(u.float()).dtype == torch.float32
+    dout = torch.randn(u.shape).bfloat16()
+    runs = []
+    for pairs in (True, False):
+        if not pairs:
+            monkeypatch.setattr(fused, '_as_pairs', lambda t: t)
+        runs.append([fused.bihgru_fwd(u, z, gamma, tf, tr), *fused.bihgru_bwd(dout, u, z, gamma, tf, tr)])
+    assert all(torch.equal(a, b) for a, b in zip(*runs))
+
+
 def test_triton_noncontiguous_views(fwd_kernel):
     """u and z as views into one fused projection output, as the mixer passes them; dout non-contiguous too."""
     B, N, C = 2, 6, 5

@@ -143,10 +143,17 @@ def _before(t, t1, EVEN: tl.constexpr):
 
 @triton.jit
 def _load_row(u_ptr, z_ptr, cs, m):
-    """z, Re u, Im u of one token row of BLOCK_C channels (channel stride 1) in fp32; 0 outside the mask."""
+    """z, Re u, Im u of one token row of BLOCK_C channels (channel stride 1) in fp32; 0 outside the mask. An int32
+    u holds bf16 (Re, Im) pairs (`_as_pairs`): one 32-bit load a channel, each half widened by a shift or a mask
+    (bf16 is the upper half of an fp32)."""
     z = tl.load(z_ptr + cs, mask=m, other=0.).to(tl.float32)
-    ur = tl.load(u_ptr + 2 * cs, mask=m, other=0.).to(tl.float32)
-    ui = tl.load(u_ptr + 2 * cs + 1, mask=m, other=0.).to(tl.float32)
+    if u_ptr.dtype.element_ty == tl.int32:
+        w = tl.load(u_ptr + cs, mask=m, other=0)
+        ur = (w << 16).to(tl.float32, bitcast=True)
+        ui = (w & -65536).to(tl.float32, bitcast=True)
+    else:
+        ur = tl.load(u_ptr + 2 * cs, mask=m, other=0.).to(tl.float32)
+        ui = tl.load(u_ptr + 2 * cs + 1, mask=m, other=0.).to(tl.float32)
     return z, ur, ui
 
 
@@ -629,6 +636,14 @@ def _chunks(B: int, N: int, C: int, device: torch.device, cfg: Tuple[int, int, i
     return n_cblocks, triton.cdiv(N, chunk_len), chunk_len
 
 
+def _as_pairs(u: torch.Tensor) -> torch.Tensor:
+    """u as the kernels read it: bf16 as int32 (Re, Im) pairs where its layout allows (every stride and the storage
+    offset even), else itself. Measured: docs/performance.md."""
+    if u.dtype == torch.bfloat16 and u.storage_offset() % 2 == 0 and all(s % 2 == 0 for s in u.stride()[:-1]):
+        return u.view(torch.int32)
+    return u
+
+
 def _even(N: int, C: int, block_c: int) -> bool:
     """Whether a two-sweep launch runs without masks (the kernels' EVEN): whole channel blocks, and whole groups in
     every chunk (chunk lengths are whole groups, so the sequence must be one too)."""
@@ -641,12 +656,13 @@ def bihgru_fwd(u, z, gamma, theta_f, theta_r) -> torch.Tensor:
     u, z = (t if t.stride(-1) == 1 else t.contiguous() for t in (u, z))
     B, N, C = z.shape
     out = torch.empty(B, N, 2 * C, device=u.device, dtype=u.dtype)
+    up = _as_pairs(u)
     if _onchip_fits(B, N, C, u.device):
         block_c, T = ONCHIP_CFG
         T = min(T, triton.next_power_of_2(N))
         W = triton.next_power_of_2(triton.cdiv(N, T))
         wrap_triton(_bihgru_fwd_onchip_kernel)[(triton.cdiv(C, block_c), B)](
-            u, z, gamma, theta_f, theta_r, out, N, C, u.stride(0), u.stride(1), z.stride(0), z.stride(1),
+            up, z, gamma, theta_f, theta_r, out, N, C, up.stride(0), up.stride(1), z.stride(0), z.stride(1),
             out.stride(0), out.stride(1), BLOCK_C=block_c, T=T, W=W, num_warps=max(1, W * block_c // 32))
         return out
     cfg = FWD_CFG[u.element_size()]  # (BLOCK_C, warps, programs per SM)
@@ -654,7 +670,7 @@ def bihgru_fwd(u, z, gamma, theta_f, theta_r) -> torch.Tensor:
     summ = torch.empty(B, n_chunks, 8, C, device=u.device, dtype=torch.float32) if n_chunks > 1 else out
     stash = torch.empty(B, triton.cdiv(N, GROUP), 2 * C, device=u.device, dtype=torch.float32)
     grid = (n_cblocks, B, n_chunks)
-    args = (u, z, gamma, theta_f, theta_r, out, summ, stash, N, C, n_chunks, chunk_len, u.stride(0), u.stride(1),
+    args = (up, z, gamma, theta_f, theta_r, out, summ, stash, N, C, n_chunks, chunk_len, up.stride(0), up.stride(1),
             z.stride(0), z.stride(1), out.stride(0), out.stride(1), *_sum_strides(summ, n_chunks), stash.stride(0),
             stash.stride(1))
     meta = dict(BLOCK_C=cfg[0], UNROLL=GROUP, num_warps=cfg[1], EVEN=_even(N, C, cfg[0]),
@@ -685,8 +701,9 @@ def bihgru_bwd(dout, u, z, gamma, theta_f, theta_r, dx=None):
     summ = torch.empty(B, n_chunks, 16, C, device=u.device, dtype=torch.float32) if n_chunks > 1 else part
     stash = torch.empty(B, triton.cdiv(N, GROUP), 5 * C, device=u.device, dtype=torch.float32)
     grid = (n_cblocks, B, n_chunks)
-    args = (u, z, gamma, theta_f, theta_r, dout, du_arg, dz_arg, part, summ, stash, N, C, n_chunks, chunk_len,
-            u.stride(0), u.stride(1), z.stride(0), z.stride(1), dout.stride(0), dout.stride(1),
+    up = _as_pairs(u)
+    args = (up, z, gamma, theta_f, theta_r, dout, du_arg, dz_arg, part, summ, stash, N, C, n_chunks, chunk_len,
+            up.stride(0), up.stride(1), z.stride(0), z.stride(1), dout.stride(0), dout.stride(1),
             du.stride(0), du.stride(1), dz.stride(0), dz.stride(1), *_sum_strides(summ, n_chunks),
             *part.stride()[:3], stash.stride(0), stash.stride(1))
     meta = dict(BLOCK_C=cfg[0], UNROLL=GROUP, num_warps=cfg[1], maxnreg=BWD_MAXNREG, DZ_IN_DU=dx is not None,
