@@ -47,7 +47,7 @@ def main():
     h, y, dy, h2 = (torch.randn(B, N, 2 * C, dtype=torch.bfloat16) for _ in range(4))
     w, b = torch.ones(2 * C), torch.zeros(2 * C)
     du, dz, dx = torch.empty_like(u), torch.empty_like(z), torch.empty_like(x)
-    summ, stash, part = torch.empty(B, 2, 16, C), torch.empty(B, N // 4, 5 * C), torch.empty(B, 2, 6, C)
+    summ, stash, part = torch.empty(B, 2, 16, C), torch.empty(B, N // 4, 4 * C), torch.empty(B, 2, 6, C)
     ones = (1,) * 18
     bwd_rest = (part, summ, stash, N, C, 2, 32, *ones)  # after dz: buffers, sizes, strides
     cases = {

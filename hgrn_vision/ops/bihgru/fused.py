@@ -24,9 +24,10 @@ Backward recomputes the states instead of saving them. With `G = dL/dRe + i dL/d
     dr_t = g_t + conj(ar_{t-1}) dr_{t-1}          (adjoint of the reverse state, a forward recurrence)
     dv_t = df_t + dr_t,   d af_t = df_t conj(hf_{t-1}),   d ar_t = dr_t conj(hr_{t+1})
 Each gradient pairs a forward-order quantity with a reverse-order one. A forward sweep runs hf and dr and stashes
-only what enters each group of 4 rows (hf, dr, lam: 5 fp32 per group and channel, 5 bytes per (B, N, C) element,
-freed after the call); the reverse sweep, a group at a time, re-loads the group's rows (which it needs anyway),
-recomputes hf_{t-1} and dr_t inside the group in registers and walks the rows backwards beside hr_{t+1} and df_t.
+only what enters each group of 4 rows (hf, dr: 4 fp32 per group and channel, 4 bytes per (B, N, C) element, freed
+after the call; the lam entering a group is recomputed from the row before's z, read with the stash); the reverse
+sweep, a group at a time, re-loads the group's rows (which it needs anyway), recomputes hf_{t-1} and dr_t inside the
+group in registers and walks the rows backwards beside hr_{t+1} and df_t.
 Both sweeps load the next group's rows (and stash) one group ahead, so that those loads fly while this group
 computes (the same in the forward measured slower at split sequences: docs/performance.md). Nothing divides by a gate.
 Per-channel gradients (gamma, theta_f, theta_r, and the sums of du and dz over the tokens: a bias's gradient) are fp32
@@ -482,7 +483,7 @@ def _bihgru_bwd_kernel(
     else:
         tl.static_assert(UNROLL == 4, 'the reverse sweep below is written out for groups of 4 rows (GROUP)')
         sp = sum_ptr + b * s_sb
-        # forward sweep: hf and dr over the chunk; each group's entering (hf, dr, lam) stashed, 5 floats per group
+        # forward sweep: hf and dr over the chunk; each group's entering (hf, dr) stashed, 4 floats per group
         hr_, hi_ = _fold_carries(sp, s_sk, s_ss, cs, cmask, k, n_chunks, 0, True)
         er, ei = _fold_carries(sp, s_sk, s_ss, cs, cmask, k, n_chunks, 12, True)
         lam_prev = lam_before
@@ -493,7 +494,6 @@ def _bihgru_bwd_kernel(
             gnxt = _load_dout_group(db, s_dn, cs, C, cmask, g + 4, t1, False)
             x = scr_ptr + b * s_xb + (g // 4) * s_xn + cs
             _store_map(x, C, 0, cmask, hr_, hi_, er, ei)
-            tl.store(x + 4 * C, lam_prev, mask=cmask)
             for r in tl.static_range(4):
                 _, carry = _fwd_row(rows[r], grows[r], gamma, cf, sf, cr_, sr_, cmask & _before(g + r, t1, EVEN),
                                     (hr_, hi_, er, ei, lam_prev))
@@ -512,14 +512,14 @@ def _bihgru_bwd_kernel(
         rows = _load_group(ub, zb, s_un, s_zn, cs, cmask, g, t1, EVEN)
         grows = _load_dout_group(db, s_dn, cs, C, cmask, g, t1, EVEN)
         x = scr_ptr + b * s_xb + (g // 4) * s_xn + cs
-        stash = _load_stash(x, C, cmask)
+        stash = _load_stash(x, C, cmask, zb + (g - 1) * s_zn + cs, g, gamma)
         for j in range(0, n_groups):
             g = t0 + (n_groups - 1 - j) * 4
             mn = cmask & (j + 1 < n_groups)  # the group before this one, loaded a group ahead
             nxt = _load_group(ub, zb, s_un, s_zn, cs, mn, g - 4, t1, EVEN)
             gnxt = _load_dout_group(db, s_dn, cs, C, mn, g - 4, t1, EVEN)
             x = scr_ptr + b * s_xb + (g // 4 - 1) * s_xn + cs
-            snxt = _load_stash(x, C, mn)
+            snxt = _load_stash(x, C, mn, zb + (g - 5) * s_zn + cs, g - 4, gamma)
             row0, carry = _fwd_row(rows[0], grows[0], gamma, cf, sf, cr_, sr_, cmask & _before(g, t1, EVEN), stash)
             row1, carry = _fwd_row(rows[1], grows[1], gamma, cf, sf, cr_, sr_, cmask & _before(g + 1, t1, EVEN), carry)
             row2, carry = _fwd_row(rows[2], grows[2], gamma, cf, sf, cr_, sr_, cmask & _before(g + 2, t1, EVEN), carry)
@@ -561,10 +561,13 @@ def _store_grads(dzp, dup, m, d, sums):
 
 
 @triton.jit
-def _load_stash(x, C, m):
-    """A group's backward stash at x: (hf, dr, lam) entering it, as the forward sweep stored them."""
+def _load_stash(x, C, m, zp, g, gamma):
+    """A group's backward stash at x: (hf, dr) entering the group from g, as the forward sweep stored them, and the
+    lam entering it, the row before's (its z at zp; 0 before the sequence)."""
     hr_, hi_, er, ei = _load_map(x, C, 0, m)
-    return hr_, hi_, er, ei, tl.load(x + 4 * C, mask=m, other=0.)
+    mz = m & (g > 0)
+    lam = tl.where(mz, gamma + (1. - gamma) * _sigmoid(tl.load(zp, mask=mz, other=0.).to(tl.float32)), 0.)
+    return hr_, hi_, er, ei, lam
 
 
 @triton.jit
@@ -699,7 +702,7 @@ def bihgru_bwd(dout, u, z, gamma, theta_f, theta_r, dx=None):
     n_cblocks, n_chunks, chunk_len = _chunks(B, N, C, u.device, cfg)
     part = torch.empty(B, n_chunks, 6, C, device=u.device, dtype=torch.float32)
     summ = torch.empty(B, n_chunks, 16, C, device=u.device, dtype=torch.float32) if n_chunks > 1 else part
-    stash = torch.empty(B, triton.cdiv(N, GROUP), 5 * C, device=u.device, dtype=torch.float32)
+    stash = torch.empty(B, triton.cdiv(N, GROUP), 4 * C, device=u.device, dtype=torch.float32)
     grid = (n_cblocks, B, n_chunks)
     up = _as_pairs(u)
     args = (up, z, gamma, theta_f, theta_r, dout, du_arg, dz_arg, part, summ, stash, N, C, n_chunks, chunk_len,
