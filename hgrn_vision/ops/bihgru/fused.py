@@ -513,6 +513,11 @@ def _bihgru_bwd_kernel(
         grows = _load_dout_group(db, s_dn, cs, C, cmask, g, t1, EVEN)
         x = scr_ptr + b * s_xb + (g // 4) * s_xn + cs
         stash = _load_stash(x, C, cmask, zb + (g - 1) * s_zn + cs, g, gamma)
+        if DZ_IN_DU:
+            dzb = du_ptr + 2 * C + b * s_hb + cs
+        else:
+            dzb = dz_ptr + b * s_hb + cs
+        dub = du_ptr + b * s_gb + 2 * cs
         for j in range(0, n_groups):
             g = t0 + (n_groups - 1 - j) * 4
             mn = cmask & (j + 1 < n_groups)  # the group before this one, loaded a group ahead
@@ -520,27 +525,24 @@ def _bihgru_bwd_kernel(
             gnxt = _load_dout_group(db, s_dn, cs, C, mn, g - 4, t1, EVEN)
             x = scr_ptr + b * s_xb + (g // 4 - 1) * s_xn + cs
             snxt = _load_stash(x, C, mn, zb + (g - 5) * s_zn + cs, g - 4, gamma)
-            row0, carry = _fwd_row(rows[0], grows[0], gamma, cf, sf, cr_, sr_, cmask & _before(g, t1, EVEN), stash)
-            row1, carry = _fwd_row(rows[1], grows[1], gamma, cf, sf, cr_, sr_, cmask & _before(g + 1, t1, EVEN), carry)
-            row2, carry = _fwd_row(rows[2], grows[2], gamma, cf, sf, cr_, sr_, cmask & _before(g + 2, t1, EVEN), carry)
-            row3, carry = _fwd_row(rows[3], grows[3], gamma, cf, sf, cr_, sr_, cmask & _before(g + 3, t1, EVEN), carry)
+            m0, m1 = cmask & _before(g, t1, EVEN), cmask & _before(g + 1, t1, EVEN)
+            m2, m3 = cmask & _before(g + 2, t1, EVEN), cmask & _before(g + 3, t1, EVEN)
+            row0, carry = _fwd_row(rows[0], grows[0], gamma, cf, sf, cr_, sr_, m0, stash)
+            row1, carry = _fwd_row(rows[1], grows[1], gamma, cf, sf, cr_, sr_, m1, carry)
+            row2, carry = _fwd_row(rows[2], grows[2], gamma, cf, sf, cr_, sr_, m2, carry)
+            row3, carry = _fwd_row(rows[3], grows[3], gamma, cf, sf, cr_, sr_, m3, carry)
             st = (hr_, hi_, fr, fi, lam_next, dgam, dthf, dthr)
             st, d3 = _grad_row(st, row3, g + 3, t1, cmask, gamma, cf, sf, cr_, sr_, EVEN)
             st, d2 = _grad_row(st, row2, g + 2, t1, cmask, gamma, cf, sf, cr_, sr_, EVEN)
             st, d1 = _grad_row(st, row1, g + 1, t1, cmask, gamma, cf, sf, cr_, sr_, EVEN)
             st, d0 = _grad_row(st, row0, g, t1, cmask, gamma, cf, sf, cr_, sr_, EVEN)
             hr_, hi_, fr, fi, lam_next, dgam, dthf, dthr = st
-            if DZ_IN_DU:
-                dzb = du_ptr + 2 * C + b * s_hb + cs
-            else:
-                dzb = dz_ptr + b * s_hb + cs
             # the group's rows stored one by one after its math (no tile: no layout change through shared memory)
-            dub = du_ptr + b * s_gb + 2 * cs
             sums = (sz, sur, sui)
-            sums = _store_grads(dzb + g * s_hn, dub + g * s_gn, cmask & _before(g, t1, EVEN), d0, sums)
-            sums = _store_grads(dzb + (g + 1) * s_hn, dub + (g + 1) * s_gn, cmask & _before(g + 1, t1, EVEN), d1, sums)
-            sums = _store_grads(dzb + (g + 2) * s_hn, dub + (g + 2) * s_gn, cmask & _before(g + 2, t1, EVEN), d2, sums)
-            sums = _store_grads(dzb + (g + 3) * s_hn, dub + (g + 3) * s_gn, cmask & _before(g + 3, t1, EVEN), d3, sums)
+            sums = _store_grads(dzb + g * s_hn, dub + g * s_gn, m0, d0, sums)
+            sums = _store_grads(dzb + (g + 1) * s_hn, dub + (g + 1) * s_gn, m1, d1, sums)
+            sums = _store_grads(dzb + (g + 2) * s_hn, dub + (g + 2) * s_gn, m2, d2, sums)
+            sums = _store_grads(dzb + (g + 3) * s_hn, dub + (g + 3) * s_gn, m3, d3, sums)
             sz, sur, sui = sums
             rows, grows, stash = nxt, gnxt, snxt
         pp = part_ptr + b * s_pb + k * s_pk + cs
