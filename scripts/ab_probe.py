@@ -5,7 +5,8 @@ Alternating keeps a drift of the machine from reading as a difference between th
 
     PYTHONPATH=. python scripts/ab_probe.py OTHER hgrn_deit_small [hgrn_deit_tiny::reduce-overhead ...] [--rounds 2]
 
-A spec is `step_probe.py`'s NAME[:CKPT[:MODE]]. Prints every probe's line as it comes and a table at the end.
+A spec is `step_probe.py`'s NAME[:CKPT[:MODE[:RES[:KEY=VALUE,...]]]]. Prints every probe's line as it comes and a table
+at the end.
 """
 import argparse
 import os
@@ -32,7 +33,7 @@ def probe(tree: str, tag: str, spec: str) -> float:
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
     parser.add_argument('other', help="the other tree's root (a copy of this package)")
-    parser.add_argument('specs', nargs='+', help='step_probe.py specs: NAME[:CKPT[:MODE]]')
+    parser.add_argument('specs', nargs='+', help='step_probe.py specs: NAME[:CKPT[:MODE[:RES[:KEY=VALUE,...]]]]')
     parser.add_argument('--rounds', type=int, default=2)
     args = parser.parse_args(argv)
     if not os.path.isfile(os.path.join(args.other, 'scripts', 'step_probe.py')):

@@ -5,12 +5,17 @@ activation memory per image, optionally with every block under activation checkp
 `set_grad_checkpointing`) or `selective` (the policy of `scripts/saved_activations.py --selective`: keep the outputs of
 matmuls, attention and the HGRU mixer op, recompute the rest), and optionally compiled with another torch.compile
 mode (`reduce-overhead`: CUDA graphs, so the host no longer enqueues each kernel; its activation memory then sits in
-the graphs' pool, allocated before the measurement, and reads near 0). bf16 autocast, fused AdamW, batch 256 at 224.
+the graphs' pool, allocated before the measurement, and reads near 0). bf16 autocast, fused AdamW, batch 256 at 224
+(at another resolution R, as `benchmark.py models`: 256 * 224^2 // R^2 images, 12 at 1024).
 
     PYTHONPATH=. python scripts/step_probe.py TAG hgrn_deit_small:none hgrn_deit_small:selective \\
         hgrn_deit_small:full deit_small_patch16_224:none deit_small_patch16_224:selective \\
-        hgrn_deit_tiny:none:reduce-overhead
+        hgrn_deit_tiny:none:reduce-overhead hgrn_deit_small:none::1024:low_memory=True
+
+A spec is NAME[:CKPT[:MODE[:RES[:KEY=VALUE,...]]]], an empty field taking its default (none, default, 224, no
+keyword arguments for timm.create_model).
 """
+import ast
 import os
 import statistics
 import sys
@@ -44,8 +49,8 @@ def train_step(name: str, ckpt: str = 'none', mode: str = 'default', batch: int 
 
 
 def probe(name: str, ckpt: str, tag: str, mode: str = 'default', batch: int = 256, res: int = 224,
-          steps: int = 60) -> None:
-    step = train_step(name, ckpt, mode, batch, res)
+          steps: int = 60, **model_kwargs) -> None:
+    step = train_step(name, ckpt, mode, batch, res, **model_kwargs)
     t = time.perf_counter()
     step()
     torch.cuda.synchronize()
@@ -73,9 +78,11 @@ def probe(name: str, ckpt: str, tag: str, mode: str = 'default', batch: int = 25
         host.append((time.perf_counter() - t) * 1e3)
     torch.cuda.synchronize()
     med = statistics.median(ms)
-    print(f'{tag:>10} {name:>24} ckpt={ckpt:<9} {mode:>15} step ms median {med:6.2f} p10 {ms[len(ms) // 10]:6.2f} '
-          f'p90 {ms[9 * len(ms) // 10]:6.2f}  img/s {batch * 1e3 / med:7.1f}  host enqueue ms median '
-          f'{statistics.median(host):6.2f}  act MB/img {mem:6.2f}  first call {first:5.1f} s', flush=True)
+    kw = ''.join(f' {k}={v}' for k, v in model_kwargs.items())
+    print(f'{tag:>10} {name:>24}{kw} res={res} batch={batch} ckpt={ckpt:<9} {mode:>15} step ms median {med:6.2f} '
+          f'p10 {ms[len(ms) // 10]:6.2f} p90 {ms[9 * len(ms) // 10]:6.2f}  img/s {batch * 1e3 / med:7.1f}  '
+          f'host enqueue ms median {statistics.median(host):6.2f}  act MB/img {mem:6.2f}  '
+          f'first call {first:5.1f} s', flush=True)
 
 
 def main():
@@ -83,8 +90,24 @@ def main():
         raise SystemExit(__doc__)
     print(torch.cuda.get_device_name(), 'torch', torch.__version__, flush=True)
     for spec in sys.argv[2:]:
-        name, ckpt, mode = (spec.split(':') + ['', ''])[:3]
-        probe(name, ckpt or 'none', sys.argv[1], mode or 'default')
+        name, ckpt, mode, res, kwargs = (spec.split(':') + [''] * 4)[:5]
+        res = int(res or 224)
+        probe(name, ckpt or 'none', sys.argv[1], mode or 'default', batch=256 * 224 ** 2 // res ** 2, res=res,
+              **_parse_kwargs(kwargs))
+
+
+def _parse_kwargs(text: str) -> dict:
+    """`KEY=VALUE,...` as keyword arguments, each value a Python literal where it parses as one, else a string."""
+    out = {}
+    for item in filter(None, text.split(',')):
+        key, sep, value = item.partition('=')
+        if not sep:
+            raise SystemExit(f'model keyword {item!r} is not KEY=VALUE (e.g. low_memory=True)')
+        try:
+            out[key] = ast.literal_eval(value)
+        except (ValueError, SyntaxError):
+            out[key] = value
+    return out
 
 
 if __name__ == '__main__':
