@@ -13,7 +13,7 @@ the graphs' pool, allocated before the measurement, and reads near 0). bf16 auto
         hgrn_deit_tiny:none:reduce-overhead hgrn_deit_small:none::1024:low_memory=True
 
 A spec is NAME[:CKPT[:MODE[:RES[:KEY=VALUE,...]]]], an empty field taking its default (none, default, 224, no
-keyword arguments for timm.create_model).
+keyword arguments for timm.create_model); MODE `eager` runs the step without torch.compile.
 """
 import ast
 import os
@@ -33,7 +33,8 @@ from hgrn_vision.benchmark.models import _make_step, create_benchmark_model, pre
 def train_step(name: str, ckpt: str = 'none', mode: str = 'default', batch: int = 256, res: int = 224,
                **model_kwargs):
     """A compiled training step of timm model `name` (created with `model_kwargs`) on the GPU (bf16 autocast, fused
-    AdamW), as a callable, with the blocks under `ckpt` checkpointing and torch.compile's `mode`."""
+    AdamW), as a callable, with the blocks under `ckpt` checkpointing and torch.compile's `mode` ('eager': not
+    compiled)."""
     torch._dynamo.reset()
     dev = torch.device('cuda')
     model = create_benchmark_model(name, res, **model_kwargs).to(dev)
@@ -44,8 +45,8 @@ def train_step(name: str, ckpt: str = 'none', mode: str = 'default', batch: int 
     elif ckpt != 'none':
         raise SystemExit(f'unknown checkpointing {ckpt!r}: use none, selective or full (e.g. hgrn_deit_small:none)')
     opt, x, y = prepare_step(model, 'train', batch, res, dev, model_kwargs)
-    return _make_step(torch.compile(model, dynamic=False, mode=mode), x, y, 'train', dev, torch.bfloat16, opt,
-                      cudagraphs=mode == 'reduce-overhead')
+    run = model if mode == 'eager' else torch.compile(model, dynamic=False, mode=mode)
+    return _make_step(run, x, y, 'train', dev, torch.bfloat16, opt, cudagraphs=mode == 'reduce-overhead')
 
 
 def probe(name: str, ckpt: str, tag: str, mode: str = 'default', batch: int = 256, res: int = 224,
