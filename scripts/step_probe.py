@@ -27,7 +27,7 @@ import torch  # noqa: E402
 from saved_activations import _checkpoint_blocks  # noqa: E402  (scripts/ is on sys.path when run as a script)
 
 import hgrn_vision  # noqa: E402,F401  (registers the models)
-from hgrn_vision.benchmark.models import _make_step, create_benchmark_model, prepare_step  # noqa: E402
+from hgrn_vision.benchmark.models import GPU_DEFAULTS, _make_step, batch_for, create_benchmark_model, prepare_step  # noqa: E402
 
 
 def train_step(name: str, ckpt: str = 'none', mode: str = 'default', batch: int = 256, res: int = 224,
@@ -93,8 +93,8 @@ def main():
     for spec in sys.argv[2:]:
         name, ckpt, mode, res, kwargs = (spec.split(':') + [''] * 4)[:5]
         res = int(res or 224)
-        probe(name, ckpt or 'none', sys.argv[1], mode or 'default', batch=256 * 224 ** 2 // res ** 2, res=res,
-              **_parse_kwargs(kwargs))
+        probe(name, ckpt or 'none', sys.argv[1], mode or 'default', batch=batch_for(res, GPU_DEFAULTS['batch_pixels']),
+              res=res, **_parse_kwargs(kwargs))
 
 
 def _parse_kwargs(text: str) -> dict:
