@@ -188,8 +188,8 @@ def count_flops(
     """
     scan_elems = [0]
 
-    def hook(module, args):
-        scan_elems[0] += args[0].numel()
+    def hook(module, args):  # with low_memory a mixer's input is in_proj's output: count (B, N) x C
+        scan_elems[0] += args[0].shape[:-1].numel() * module.dim
 
     handles = [m.register_forward_pre_hook(hook) for m in model.modules() if isinstance(m, HgruMixer)]
     model.train(mode == 'train')

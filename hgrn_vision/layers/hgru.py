@@ -6,9 +6,9 @@ import torch.nn.functional as F
 from timm.layers import register_notrace_module
 from torch import nn
 
-from hgrn_vision.ops import bihgru_scan_norm_gate, bihgru_scan_reference, default_impl
+from hgrn_vision.ops import bihgru_scan_norm_gate, bihgru_scan_reference
 
-from .projection import NormArgs, layer_norm, linear_params, project_in
+from .linear import bias_through_op, linear_params, project, uses_triton
 
 
 def hgru_theta_init(dim: int, device=None, dtype=None) -> torch.Tensor:
@@ -23,16 +23,15 @@ class HgruMixer(nn.Module):
     The authors' `input_proj` (C -> 2C), `lambda_proj` (C -> C) and `gate` (C -> 2C) all read the same input,
     so they are one fused `in_proj` (C -> 5C) whose output splits into `[u | z | g]`; `checkpoint_filter_fn`
     concatenates the authors' weights in that order. `out = out_proj(norm(scan(u, z)) * silu(g))`, where everything
-    after `in_proj` is one op (`bihgru_scan_norm_gate`) so that the Triton path can hand `in_proj` its gradient in
-    one buffer (there `in_proj`'s bias is added detached and its gradient comes from the op's kernels) and, with
-    `out_proj_in_op`, need not keep out_proj's input for the backward.
+    after `in_proj` is one op (`bihgru_scan_norm_gate`), so that on the Triton path in_proj's bias is added detached
+    and its gradient comes from the op's kernels (`bias_through_op`).
     """
 
     def __init__(
             self,
             dim: int,
             scan_impl: Optional[str] = None,
-            out_proj_in_op: bool = False,
+            low_memory: bool = False,
             device=None,
             dtype=None,
     ):
@@ -40,40 +39,39 @@ class HgruMixer(nn.Module):
         Args:
             dim: channels C.
             scan_impl: `bihgru_scan` implementation; None picks the best for the device at run time.
-            out_proj_in_op: on the Triton path run a plain Linear out_proj inside the fused op, whose backward
-                writes out_proj's input again instead of keeping it (2 C fewer elements per token kept).
+            low_memory: the input is in_proj's output, computed by the `LayerNormLinear` before the mixer, and on
+                the Triton path out_proj runs inside the op, whose backward writes out_proj's input again instead of
+                keeping it (2 C fewer elements per token kept).
         """
         super().__init__()
         dd = {'device': device, 'dtype': dtype}
         self.dim = dim
         self.scan_impl = scan_impl
-        self.out_proj_in_op = out_proj_in_op
+        self.low_memory = low_memory
         self.in_proj = nn.Linear(dim, 5 * dim, **dd)
         self.norm = nn.LayerNorm(2 * dim, **dd)
         self.out_proj = nn.Linear(2 * dim, dim, **dd)
         self.theta_forward = nn.Parameter(hgru_theta_init(dim, **dd))
         self.theta_reverse = nn.Parameter(hgru_theta_init(dim, **dd))
 
-    def forward(self, x: torch.Tensor, lower_bound: torch.Tensor, norm: Optional[NormArgs] = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, lower_bound: torch.Tensor) -> torch.Tensor:
         """
         Args:
-            x: tokens (B, N, C).
+            x: tokens (B, N, C), or with `low_memory` in_proj's output (B, N, 5C).
             lower_bound: the forget gate's lower bound gamma (C,).
-            norm: a LayerNorm's (weight, bias, eps) to apply to x first (the block's norm1 with `low_memory`): on the
-                Triton path it runs with in_proj as one op whose backward does not keep its output.
         """
-        if torch.jit.is_scripting():  # the scriptable reference scan, composed as bihgru_scan_norm_gate does
-            if norm is not None:
-                x = layer_norm(x, norm)
+        if torch.jit.is_scripting():  # the scriptable reference scan; the norm before runs no in_proj here
             u, z, g = self.in_proj(x).split([2 * self.dim, self.dim, 2 * self.dim], dim=-1)
             h = bihgru_scan_reference(u, z, lower_bound, self.theta_forward, self.theta_reverse)
             return self.out_proj(self.norm(h) * F.silu(g))
-        triton = (self.scan_impl or default_impl(x)) == 'triton'
-        x, in_bias = project_in(x, self.in_proj, norm, triton)
+        bias_to_op = bias_through_op(self.in_proj, self.scan_impl, x)
+        if self.low_memory:
+            in_bias = self.in_proj.bias if bias_to_op else None
+        else:
+            x, in_bias = project(x, self.in_proj, bias_to_op)
         args = (x, lower_bound, self.theta_forward, self.theta_reverse, self.norm.weight, self.norm.bias, self.norm.eps)
         out_proj = self.out_proj
-        if self.out_proj_in_op and type(out_proj) is nn.Linear and triton:
-            # out_proj inside the op, whose backward writes y again for its weight gradient (not kept)
+        if self.low_memory and type(out_proj) is nn.Linear and uses_triton(self.scan_impl, x):
             weight, bias = linear_params(out_proj, x.dtype)
             return bihgru_scan_norm_gate(*args, in_bias=in_bias, out_weight=weight, out_bias=bias,
                                          impl=self.scan_impl)

@@ -6,9 +6,9 @@ import torch.nn.functional as F
 from timm.layers import GluMlp, register_notrace_module
 from torch import nn
 
-from hgrn_vision.ops import default_impl, silu_glu_linear
+from hgrn_vision.ops import silu_glu_linear
 
-from .projection import NormArgs, layer_norm, linear_params, project_in
+from .linear import bias_through_op, linear_params, project, uses_triton
 
 
 @register_notrace_module
@@ -18,31 +18,36 @@ class SiluGluMlp(GluMlp):
     norm, no dropout while training) everything after fc1 is `silu_glu_linear`, whose backward rewrites the GLU
     product instead of keeping it, and fc1's bias is added detached with its gradient from that op's kernel."""
 
-    def __init__(self, in_features: int, hidden_features: int, impl: Optional[str] = None, **kwargs):
+    def __init__(self, in_features: int, hidden_features: int, impl: Optional[str] = None, low_memory: bool = False,
+                 **kwargs):
         """
         Args:
             in_features: channels C.
             hidden_features: fc1's width (twice the GLU's).
             impl: a `bihgru_scan` implementation name; 'triton' (or None on CUDA) takes the fused op, 'torch'
                 GluMlp's modules one after another.
+            low_memory: the input is fc1's output, computed by the `LayerNormLinear` before the MLP.
             **kwargs: the rest of GluMlp's arguments (not act_layer, gate_last).
         """
         super().__init__(in_features, hidden_features, act_layer=nn.SiLU, gate_last=False, **kwargs)
         self.impl = impl
+        self.low_memory = low_memory
 
-    def forward(self, x: torch.Tensor, norm: Optional[NormArgs] = None) -> torch.Tensor:
-        """x (..., C); `norm`: a LayerNorm's (weight, bias, eps) to apply to x first (the block's norm2 with
-        `low_memory`), on the Triton path as one op with fc1 whose backward does not keep its output."""
-        if torch.jit.is_scripting():  # GluMlp's forward, written out (TorchScript has no super())
-            if norm is not None:
-                x = layer_norm(x, norm)
-            a, b = self.fc1(x).chunk(2, dim=-1)
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x (..., C), or with `low_memory` fc1's output (..., hidden)."""
+        if torch.jit.is_scripting():  # GluMlp's forward, written out (TorchScript has no super()); the norm before
+            a, b = self.fc1(x).chunk(2, dim=-1)  # runs no fc1 here
             return self.drop2(self.fc2(self.norm(self.drop1(F.silu(a) * b))))
         fc2 = self.fc2
         fused = type(fc2) is nn.Linear and type(self.norm) is nn.Identity and \
-            (self.drop1.p == 0. or not self.training) and (self.impl or default_impl(x)) == 'triton'
-        x, in_bias = project_in(x, self.fc1, norm, fused)
+            (self.drop1.p == 0. or not self.training) and uses_triton(self.impl, x)
+        if self.low_memory:  # fc1's bias was added detached where bias_through_op says so
+            in_bias = self.fc1.bias if bias_through_op(self.fc1, self.impl, x) else None
+        else:
+            x, in_bias = project(x, self.fc1, fused and bias_through_op(self.fc1, self.impl, x))
         if fused:
             return self.drop2(silu_glu_linear(x, *linear_params(fc2, x.dtype), in_bias=in_bias, impl='triton'))
+        if in_bias is not None:  # the same value, with the bias's gradient the sum of x's
+            x = x + (in_bias - in_bias.detach())
         a, b = x.chunk(2, dim=-1)  # GluMlp's forward after fc1
         return self.drop2(fc2(self.norm(self.drop1(F.silu(a) * b))))

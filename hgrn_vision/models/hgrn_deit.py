@@ -26,7 +26,7 @@ from timm.models import build_model_with_cfg, generate_default_cfgs, register_mo
 from timm.models._features import feature_take_indices
 from timm.models._manipulate import checkpoint
 
-from hgrn_vision.layers import HgruMixer, LinearPatchEmbed, SiluGluMlp, norm_args
+from hgrn_vision.layers import HgruMixer, LayerNormLinear, LinearPatchEmbed, SiluGluMlp
 
 __all__ = ['HgrnDeit', 'checkpoint_filter_fn', 'check_image_input']
 
@@ -62,8 +62,8 @@ class RmsNormNoAffine(nn.Module):
 
 class HgrnBlock(nn.Module):
     """Pre-norm block: `x + mixer(norm1(x), lower_bound)`, then `x + mlp(norm2(x))`; the MLP is a SiLU GLU. With
-    `low_memory` the mixer and the MLP are handed their LayerNorm's parameters and run it themselves, on the Triton
-    path with their input projection as one op (`project_in`)."""
+    `low_memory` each norm is a `LayerNormLinear` built with the projection after it (the mixer's `in_proj`, the MLP's
+    `fc1`), which it runs, on the Triton path as one op."""
 
     def __init__(
             self,
@@ -85,27 +85,23 @@ class HgrnBlock(nn.Module):
             low_memory: on the Triton path, keep 13 C instead of 17 C elements per token for the backward: each
                 norm runs with the projection after it as one op and out_proj inside the mixer's op (as fc2 always
                 runs inside the MLP's), their backward kernels writing the projections' inputs again instead of
-                keeping them.
+                keeping them. Same parameters, state dict and results.
         """
         super().__init__()
         dd = {'device': device, 'dtype': dtype}
-        self.norm1 = nn.LayerNorm(dim, **dd)
-        self.low_memory = low_memory
-        self.mixer = HgruMixer(dim, scan_impl=scan_impl, out_proj_in_op=low_memory, **dd)
-        self.drop_path1 = DropPath(drop_path) if drop_path > 0. else nn.Identity()
-        self.norm2 = nn.LayerNorm(dim, **dd)
+        mixer = HgruMixer(dim, scan_impl=scan_impl, low_memory=low_memory, **dd)
         # fc1 holds the authors' l1 (gated by SiLU) and l2 side by side, fc2 is their l3
-        self.mlp = SiluGluMlp(dim, 2 * int(mlp_ratio * dim), impl=scan_impl, **dd)
+        mlp = SiluGluMlp(dim, 2 * int(mlp_ratio * dim), impl=scan_impl, low_memory=low_memory, **dd)
+        self.norm1 = LayerNormLinear(dim, mixer.in_proj, scan_impl, **dd) if low_memory else nn.LayerNorm(dim, **dd)
+        self.mixer = mixer
+        self.drop_path1 = DropPath(drop_path) if drop_path > 0. else nn.Identity()
+        self.norm2 = LayerNormLinear(dim, mlp.fc1, scan_impl, **dd) if low_memory else nn.LayerNorm(dim, **dd)
+        self.mlp = mlp
         self.drop_path2 = DropPath(drop_path) if drop_path > 0. else nn.Identity()
 
     def forward(self, x: torch.Tensor, lower_bound: torch.Tensor) -> torch.Tensor:
-        if torch.jit.is_scripting() or not self.low_memory:
-            x = x + self.drop_path1(self.mixer(self.norm1(x), lower_bound))
-            return x + self.drop_path2(self.mlp(self.norm2(x)))
-        # each LayerNorm handed to the module after it, which runs it with its input projection as one op
-        n1, n2 = norm_args(self.norm1), norm_args(self.norm2)  # None: a norm to call as it is
-        x = x + self.drop_path1(self.mixer(x if n1 is not None else self.norm1(x), lower_bound, n1))
-        return x + self.drop_path2(self.mlp(x if n2 is not None else self.norm2(x), n2))
+        x = x + self.drop_path1(self.mixer(self.norm1(x), lower_bound))
+        return x + self.drop_path2(self.mlp(self.norm2(x)))
 
 
 class HgrnDeit(nn.Module):
@@ -146,9 +142,8 @@ class HgrnDeit(nn.Module):
             scan_impl: `bihgru_scan` implementation for every block, None for the best available on the device.
             drop_rate: dropout before the classifier.
             drop_path_rate: stochastic depth, linearly increasing over depth (the authors trained with 0).
-            low_memory: training keeps 13 C instead of 17 C bf16 elements per block and token for the backward (on
-                the Triton path; no matmul recomputed): 22% less activation memory, ~4% slower training steps
-                (docs/performance.md). Same parameters, same results.
+            low_memory: training keeps 13 C instead of 17 C elements per block and token for the backward (on the
+                Triton path; no matmul recomputed). Same parameters, same results (`HgrnBlock`).
         """
         super().__init__()
         dd = {'device': device, 'dtype': dtype}

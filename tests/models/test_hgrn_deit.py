@@ -1,4 +1,6 @@
 """HGRN-DeiT models: architecture facts, shapes, the timm API beyond timm's own tests, bad input."""
+import copy
+
 import pytest
 import timm
 import torch
@@ -48,17 +50,89 @@ def test_lower_bound_schedule():
 
 @pytest.mark.parametrize('low_memory', [False, True])
 def test_blocks_receive_their_lower_bound(monkeypatch, low_memory):
-    """Each block's mixer gets its own lower bound (with `low_memory` also its LayerNorm's parameters)."""
+    """Each block's mixer gets its own lower bound, in both modes."""
     model = HgrnDeit(embed_dim=8, depth=3, num_classes=0, low_memory=low_memory).eval()
     seen = []
-    for i, blk in enumerate(model.blocks):
+    for blk in model.blocks:
         orig = blk.mixer.forward
-        monkeypatch.setattr(blk.mixer, 'forward',
-                            lambda x, lb, *norm, orig=orig: (seen.append((lb, norm)), orig(x, lb, *norm))[1])
+        monkeypatch.setattr(blk.mixer, 'forward', lambda x, lb, orig=orig: (seen.append(lb), orig(x, lb))[1])
     model(torch.randn(1, 3, 28, 28))
-    torch.testing.assert_close(torch.stack([lb for lb, _ in seen]), model.lower_bound_schedule())
-    for (_, norm), blk in zip(seen, model.blocks):
-        assert norm == (((blk.norm1.weight, blk.norm1.bias, blk.norm1.eps),) if low_memory else ())
+    torch.testing.assert_close(torch.stack(seen), model.lower_bound_schedule())
+
+
+def _outputs_and_grads(model, x, autocast=False):
+    with torch.autocast('cpu', dtype=torch.bfloat16, enabled=autocast):
+        out = model(x)
+    out.float().square().sum().backward()
+    return out, {n: p.grad for n, p in model.named_parameters()}
+
+
+@pytest.mark.parametrize('scan_impl,autocast', [('torch', False), ('triton', False), ('triton', True)])
+def test_low_memory_same_model(scan_impl, autocast):
+    """`low_memory` changes neither the parameters, their names nor the results (on the Triton path, where its fused
+    ops run, up to rounding; under bf16 autocast up to bf16's); forward hooks on the blocks' norms fire in both
+    modes."""
+    models, fired = [], []
+    for low_memory in (False, True):
+        torch.manual_seed(0)
+        model = HgrnDeit(embed_dim=8, depth=2, num_classes=3, scan_impl=scan_impl, low_memory=low_memory)
+        for blk in model.blocks:
+            for norm in (blk.norm1, blk.norm2):
+                norm.register_forward_hook(lambda m, i, o, low_memory=low_memory: fired.append(low_memory))
+        models.append(model)
+    default, low = models
+    assert list(default.state_dict()) == list(low.state_dict())
+    for k, v in default.state_dict().items():
+        assert torch.equal(v, low.state_dict()[k]), k
+    x = torch.randn(2, 3, 42, 56)
+    (out, grads), (out_low, grads_low) = [_outputs_and_grads(m, x, autocast) for m in models]
+    tol = {'torch': dict(rtol=0, atol=0), 'triton': dict(rtol=1e-5, atol=1e-6)}[scan_impl]
+    if autocast:
+        tol = dict(rtol=3e-2, atol=3e-2 * out.abs().max().item())
+    torch.testing.assert_close(out_low, out, **tol)
+    for name, g in grads.items():
+        tol_g = tol if not autocast else dict(rtol=3e-2, atol=3e-2 * g.abs().max().item())
+        torch.testing.assert_close(grads_low[name], g, **tol_g, msg=name)
+    assert fired.count(False) == fired.count(True) == 4
+
+
+@pytest.mark.parametrize('low_memory', [False, True])
+def test_triton_model_matches_torch_path(low_memory):
+    """The model on the Triton path (the fused ops in the interpreter: in_proj's and fc1's biases added detached, their
+    gradients from the kernels' sums; with `low_memory` the fused norms and out_proj too) gives the outputs and
+    parameter gradients of the PyTorch path."""
+    results = []
+    for scan_impl in ('triton', 'torch'):
+        torch.manual_seed(0)
+        model = HgrnDeit(embed_dim=12, depth=2, patch_size=7, in_chans=1, num_classes=3, scan_impl=scan_impl,
+                         low_memory=low_memory)
+        results.append(_outputs_and_grads(model, torch.randn(2, 1, 28, 21, generator=torch.Generator().manual_seed(1))))
+    (out, grads), (out_ref, grads_ref) = results
+    torch.testing.assert_close(out, out_ref, rtol=1e-5, atol=1e-6)
+    for name, g in grads_ref.items():
+        torch.testing.assert_close(grads[name], g, rtol=1e-4, atol=1e-4 * g.abs().max().item(), msg=name)
+
+
+def test_low_memory_flops_count_as_default():
+    """`benchmark.py`'s FLOP count sees the matmuls inside the low_memory ops (their registered formulas) and its scan
+    count the mixers' calls: both as for the default model."""
+    from hgrn_vision.benchmark.models import count_flops
+    counts = {}
+    for low_memory in (False, True):
+        model = timm.create_model('hgrn_deit_tiny', depth=1, scan_impl='triton', low_memory=low_memory)
+        counts[low_memory] = [count_flops(model, 28, mode, torch.device('cpu')) for mode in ('infer', 'train')]
+    assert counts[True] == counts[False] and counts[True][0]['flops_per_img'] > 0
+
+
+def test_low_memory_model_scripts_and_copies():
+    """A low_memory model scripts (its blocks take the plain path there) and deep-copies, giving the eager logits."""
+    model = HgrnDeit(embed_dim=8, depth=1, num_classes=3, low_memory=True).eval()
+    x = torch.randn(2, 3, 28, 42)
+    torch.testing.assert_close(torch.jit.script(model)(x), model(x), rtol=1e-4, atol=1e-5)
+    clone = copy.deepcopy(model)
+    with torch.no_grad():
+        clone.blocks[0].mixer.in_proj.weight.mul_(2)  # the copy's norm runs the copy's in_proj
+    assert not torch.allclose(clone(x), model(x))
 
 
 @pytest.mark.parametrize('size,grid', [
