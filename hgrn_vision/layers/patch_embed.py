@@ -10,8 +10,8 @@ class LinearPatchEmbed(PatchEmbed):
     patches with the conv weight, which is what a conv with stride = kernel is. The parameters stay `proj`'s conv
     weight and bias, so state dicts, `first_conv` and timm's `adapt_input_conv` work unchanged.
 
-    Why: cuDNN runs the bf16 patch conv as an implicit GEMM at ~21 TFLOP/s, 1.4 ms of the 14.3 ms compiled inference
-    step of hgrn_deit_small at 224 on an H100 (docs/gpu_logs/run12); as a matmul it is a patch copy plus a GEMM.
+    Why: cuDNN runs the bf16 patch conv of a compiled model as an implicit GEMM far below the matmul rate; as a
+    matmul it is a patch copy plus a GEMM.
     """
 
     def __init__(self, *args, **kwargs):
