@@ -6,6 +6,8 @@
     python benchmark.py models --device cpu --models hgrn_deit_tiny deit_tiny_patch16_224 --model-kwargs depth=2
     python benchmark.py profile --models hgrn_deit_small deit_small_patch16_224
 
+Two trees of this package side by side (before and after a change, alternated in one run on one machine):
+`PYTHONPATH=. python scripts/compare_trees.py BEFORE_TREE AFTER_TREE -- <benchmark.py models arguments>`.
 The logic lives in `hgrn_vision.benchmark`; this script parses arguments and wires them through.
 """
 import argparse

@@ -17,13 +17,12 @@ import timm
 import torch
 import triton
 import triton.testing
-from step_probe import train_step  # scripts/ is on sys.path when run as a script
 from torch.profiler import ProfilerActivity, profile
 
 import hgrn_vision  # noqa: F401
 import hgrn_vision.ops.glu as glu
 import hgrn_vision.ops.norm_linear as nl
-from hgrn_vision.benchmark import rel_err
+from hgrn_vision.benchmark import rel_err, train_step
 from hgrn_vision.ops import layer_norm_linear, silu_glu_linear
 
 dev = 'cuda'

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from hgrn_vision.benchmark import batch_for, categorize
-from hgrn_vision.benchmark.models import add_ratios, reference_models
+from hgrn_vision.benchmark.models import add_ratios, compare_runs, reference_models
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -52,6 +52,27 @@ def test_ratio_references(bench, capsys):
     with pytest.raises(SystemExit):
         bench.main(['models', '--device', 'cpu', '--pairs', '--models', 'a', 'b', 'c'])
     assert '--pairs takes (model, baseline) pairs, got 3 models: a b c' in capsys.readouterr().err
+
+
+def test_compare_runs():
+    """Two trees' rounds as one table: a row per tree, medians over the rounds, the first tree's images/s and memory
+    over the other's; a round that failed keeps its status, and the runs' own ratios (over their first model) go."""
+    def row(model, img_s, mem, status='ok'):
+        return dict(model=model, mode='train', compile='compiled', res=224, img_s=img_s, step_ms=1e3 / img_s,
+                    mem_per_img_mb=mem, ratio_img_s=9., status=status)
+
+    runs = {'before': [[row('m', 100., 2.), row('n', 50., 1.)], [row('m', 110., 2.), row('n', 40., 1.)],
+                       [row('m', 90., 2.), row('n', 45., 1.)]],
+            'after': [[row('m', 200., 4.), row('n', 50., None, 'oom')], [row('m', 210., 4.), row('n', 60., 1.)],
+                      [row('m', 190., 4.), row('n', 50., 1.)]]}
+    rows = {r['model']: r for r in compare_runs(runs)}
+    assert list(rows) == ['m [before]', 'm [after]', 'n [before]', 'n [after]']
+    assert rows['m [before]']['img_s'] == 100. and rows['m [after]']['img_s'] == 200.
+    assert rows['m [before]']['img_s_rounds'] == '100.0 110.0 90.0'
+    assert rows['m [after]']['ratio_img_s'] == 0.5 and rows['m [after]']['ratio_mem'] == 0.5
+    assert 'ratio_img_s' not in rows['m [before]'] and rows['n [before]']['status'] == 'ok'
+    assert rows['n [after]']['status'] == 'oom' and rows['n [after]']['mem_per_img_mb'] == 1.
+    assert rows['n [after]']['ratio_img_s'] == pytest.approx(45. / 50.)
 
 
 def test_models_cpu(bench, tmp_path, capsys):
@@ -174,7 +195,7 @@ def test_scan_failing_impl_is_a_row(tmp_path, monkeypatch):
 def test_compile_settings(bench, capsys, monkeypatch):
     """'cudagraphs' is torch.compile's mode 'reduce-overhead', each of its steps a new generation of the graph trees;
     it needs CUDA, and asking for it elsewhere is a usage error before anything runs."""
-    from hgrn_vision.benchmark.models import _make_step, check_compile_settings, compile_model
+    from hgrn_vision.benchmark.models import check_compile_settings, compile_model, make_step
     with pytest.raises(SystemExit):
         bench.main(['models', '--device', 'cpu', '--compile', 'cudagraphs', '--models', 'hgrn_deit_tiny'])
     err = capsys.readouterr().err
@@ -195,27 +216,8 @@ def test_compile_settings(bench, capsys, monkeypatch):
     monkeypatch.setattr(torch.compiler, 'cudagraph_mark_step_begin', lambda: marks.append(len(marks)))
     x, y = torch.randn(2, 3), torch.tensor([0, 3])
     for cudagraphs, expected in ((False, []), (True, [0, 1, 2])):
-        step = _make_step(model, x, y, 'train', torch.device('cpu'), None, cudagraphs=cudagraphs)
+        step = make_step(model, x, y, 'train', torch.device('cpu'), None, cudagraphs=cudagraphs)
         for _ in range(3):
             step()
         assert marks == expected and model.weight.grad is not None
         model.zero_grad(set_to_none=True)
-
-
-def test_ab_probe_alternates_and_summarises(tmp_path, monkeypatch, capsys):
-    """`scripts/ab_probe.py` runs each step in this tree and the other, round by round, and prints other / this of
-    the medians; a directory that is not a tree of the package is refused. (The probes themselves need a GPU: here
-    they are replaced by canned times.)"""
-    root = str(Path(__file__).resolve().parent.parent)
-    spec = importlib.util.spec_from_file_location('ab_probe', Path(root, 'scripts', 'ab_probe.py'))
-    ab = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(ab)
-    with pytest.raises(SystemExit, match='not a tree of this package'):
-        ab.main([str(tmp_path), 'hgrn_deit_small'])
-    calls = []
-    canned = {'this': iter([10.0, 12.0, 11.0]), 'other': iter([20.0, 21.0, 24.0])}
-    monkeypatch.setattr(ab, 'probe', lambda tree, tag, s: calls.append((tag, s)) or next(canned[tag]))
-    ab.main([root, 'hgrn_deit_small', '--rounds', '3'])
-    assert calls == [('this', 'hgrn_deit_small'), ('other', 'hgrn_deit_small')] * 3
-    row = capsys.readouterr().out.splitlines()[-1].split()
-    assert row[0] == 'hgrn_deit_small' and float(row[-1]) == pytest.approx(21.0 / 11.0, abs=1e-3)

@@ -1,6 +1,15 @@
 """Benchmarks behind `benchmark.py`: whole models side by side (`models`), the scan kernels (`scan`) and where a
 model's step spends its time (`profile`)."""
-from .models import SCAN_BWD_OPS, SCAN_FWD_OPS, batch_for, benchmark_models, count_flops, create_benchmark_model
+from .models import (
+    SCAN_BWD_OPS,
+    SCAN_FWD_OPS,
+    batch_for,
+    benchmark_models,
+    compare_runs,
+    count_flops,
+    create_benchmark_model,
+    train_step,
+)
 from .profile import CATEGORIES, categorize, profile_models
 from .scan import (
     BWD_ELEMS,

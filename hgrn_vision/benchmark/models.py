@@ -16,13 +16,16 @@ convolutions, attention; elementwise work is not counted), the HGRU scan's eleme
 counted FLOPs and that as % of a bf16 matmul peak measured in the same run, and a reference model's images/s and
 memory per image over this model's: the first model's, or with `pairs` (models given as (model, baseline) pairs,
 e.g. hgrn_deit_tiny deit_tiny_patch16_224 hgrn_deit_small deit_small_patch16_224) the pair's first model's.
+
+`compare_runs` puts runs of the same settings in several trees of this package side by side
+(`scripts/compare_trees.py`: before and after a change, on one machine).
 """
 import os
 import statistics
 import time
 import traceback
 from contextlib import nullcontext
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Callable, Dict, List, Optional, Sequence
 
 import timm
 import torch
@@ -44,8 +47,8 @@ from .utils import (
 )
 
 __all__ = ['SCAN_FWD_OPS', 'SCAN_BWD_OPS', 'COMPILE_SETTINGS', 'benchmark_models', 'batch_for',
-           'check_compile_settings', 'compile_model', 'create_benchmark_model', 'count_flops', 'plot_models',
-           'MODEL_COLUMNS']
+           'check_compile_settings', 'compile_model', 'create_benchmark_model', 'count_flops', 'make_step',
+           'prepare_step', 'train_step', 'compare_runs', 'plot_models', 'MODEL_COLUMNS', 'TREE_COLUMNS']
 
 COMPILE_SETTINGS = ('eager', 'compiled', 'cudagraphs')
 
@@ -91,6 +94,8 @@ MODEL_COLUMNS: List[Column] = [
     ('first_call_s', 'first call s', '.1f'),
     ('status', 'status', ''),
 ]
+# `compare_runs`' table: each round's images/s beside their median
+TREE_COLUMNS: List[Column] = MODEL_COLUMNS[:6] + [('img_s_rounds', 'img/s by round', '')] + MODEL_COLUMNS[6:]
 
 
 def batch_for(res: int, batch_pixels: int, batch_size: Optional[int] = None) -> int:
@@ -126,13 +131,13 @@ def check_compile_settings(settings: Sequence[str], device: torch.device) -> Non
 
 def compile_model(model: torch.nn.Module, setting: str) -> torch.nn.Module:
     """`model` as compile `setting` runs it: itself ('eager'), `torch.compile(dynamic=False)` ('compiled') or that in
-    mode 'reduce-overhead' ('cudagraphs'; its steps must come from `_make_step(..., cudagraphs=True)`)."""
+    mode 'reduce-overhead' ('cudagraphs'; its steps must come from `make_step(..., cudagraphs=True)`)."""
     if setting == 'eager':
         return model
     return torch.compile(model, dynamic=False, mode='reduce-overhead' if setting == 'cudagraphs' else None)
 
 
-def _make_step(model, x, y, mode: str, device: torch.device, amp_dtype, optimizer=None, cudagraphs: bool = False):
+def make_step(model, x, y, mode: str, device: torch.device, amp_dtype, optimizer=None, cudagraphs: bool = False):
     """One benchmark step of `model` ('infer': forward under no_grad; 'train': forward, cross-entropy, backward and
     the optimizer's step). `cudagraphs`: each step starts a new generation of the CUDA graph trees (their outputs of
     the step before may be overwritten), as a training loop under mode 'reduce-overhead' must."""
@@ -173,6 +178,28 @@ def prepare_step(model, mode: str, batch: int, res: int, device: torch.device, m
     return optimizer, x, y
 
 
+def train_step(
+        name: str,
+        res: int = 224,
+        batch: Optional[int] = None,
+        compile_mode: str = 'compiled',
+        device: str = 'cuda',
+        amp_dtype: Optional[torch.dtype] = torch.bfloat16,
+        **model_kwargs,
+) -> Callable[[], None]:
+    """One training step of timm model `name` (created with `model_kwargs`) as `benchmark_models` times it, as a
+    callable for probes and profilers: forward, cross-entropy, backward and a fused AdamW step on a random batch under
+    `amp_dtype` autocast, compiled as `compile_mode` (a `COMPILE_SETTINGS` entry). `batch` defaults to the GPU
+    benchmark's at `res` (`GPU_DEFAULTS['batch_pixels']`)."""
+    torch._dynamo.reset()
+    dev = torch.device(device)
+    batch = batch_for(res, GPU_DEFAULTS['batch_pixels'], batch)
+    model = create_benchmark_model(name, res, **model_kwargs).to(dev)
+    optimizer, x, y = prepare_step(model, 'train', batch, res, dev, model_kwargs)
+    return make_step(compile_model(model, compile_mode), x, y, 'train', dev, amp_dtype, optimizer,
+                     cudagraphs=compile_mode == 'cudagraphs')
+
+
 def count_flops(
         model: torch.nn.Module,
         res: int,
@@ -195,7 +222,7 @@ def count_flops(
     model.train(mode == 'train')
     x = torch.randn(2, in_chans, res, res, device=device)
     y = torch.zeros(2, dtype=torch.long, device=device)
-    step = _make_step(model, x, y, mode, device, amp_dtype)
+    step = make_step(model, x, y, mode, device, amp_dtype)
     try:
         with FlopCounterMode(display=False) as counter:
             step()
@@ -244,7 +271,7 @@ def _run_one(
         row['scan_gops_per_img'] = flops_cache[key]['scan_ops_per_img'] / 1e9
         optimizer, x, y = prepare_step(model, mode, batch, res, device, model_kwargs, channels_last)
         fn = compile_model(model, compile_mode)
-        step = _make_step(fn, x, y, mode, device, amp_dtype, optimizer, cudagraphs=compile_mode == 'cudagraphs')
+        step = make_step(fn, x, y, mode, device, amp_dtype, optimizer, cudagraphs=compile_mode == 'cudagraphs')
 
         t0 = time.perf_counter()
         step()  # compiles when compiled; allocates the optimizer state
@@ -302,6 +329,41 @@ def add_ratios(rows: List[Dict[str, Any]], refs: Dict[str, str]) -> None:
             r['ratio_img_s'] = f['img_s'] / r['img_s']
         if r.get('mem_per_img_mb') and f.get('mem_per_img_mb'):
             r['ratio_mem'] = f['mem_per_img_mb'] / r['mem_per_img_mb']
+
+
+# the numbers of a row that `compare_runs` takes the median of over rounds
+_ROUND_MEDIANS = ('img_s', 'step_ms', 'peak_mem_gb', 'mem_per_img_mb', 'tflops', 'pct_peak', 'first_call_s')
+
+
+def compare_runs(runs: Dict[str, Sequence[Sequence[Dict[str, Any]]]]) -> List[Dict[str, Any]]:
+    """Rows of `benchmark_models` runs of the same settings in several trees (`runs`: each tree's label -> one list of
+    rows per round) as one table. A row per tree and setting, its model named 'model [label]', its numbers the medians
+    over the rounds (each round's images/s in 'img_s_rounds', a failed round's status kept), and the first tree's
+    images/s and memory per image over each other tree's as `add_ratios` puts them."""
+    labels = list(runs)
+    groups: Dict[tuple, Dict[str, List[Dict[str, Any]]]] = {}
+    for label, rounds in runs.items():
+        for rows in rounds:
+            for r in rows:
+                groups.setdefault((r['model'], r['mode'], r['compile'], r['res']), {}).setdefault(label, []).append(r)
+    out, refs = [], {}
+    for key, by_label in groups.items():
+        for label in labels:
+            rows = by_label.get(label)
+            if not rows:
+                continue
+            row = {k: v for k, v in rows[0].items() if k not in ('ratio_img_s', 'ratio_mem')}
+            for k in _ROUND_MEDIANS:
+                values = [r[k] for r in rows if r.get(k) is not None]
+                row[k] = statistics.median(values) if values else None
+            row['status'] = next((r['status'] for r in rows if r.get('status', 'ok') != 'ok'), 'ok')
+            row['img_s_rounds'] = ' '.join(f'{r["img_s"]:.1f}' if r.get('img_s') else '-' for r in rows)
+            row['model'] = f'{key[0]} [{label}]'
+            if label != labels[0]:
+                refs[row['model']] = f'{key[0]} [{labels[0]}]'
+            out.append(row)
+    add_ratios(out, refs)
+    return out
 
 
 def plot_models(rows: Sequence[Dict[str, Any]], path: str, title: str = '') -> bool:

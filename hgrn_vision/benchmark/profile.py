@@ -14,7 +14,7 @@ from typing import Any, Dict, List, Optional, Sequence
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from .models import _make_step, compile_model, create_benchmark_model, prepare_step
+from .models import compile_model, create_benchmark_model, make_step, prepare_step
 from .utils import Column, environment, format_table, release_memory, write_csv, write_json
 
 __all__ = ['CATEGORIES', 'categorize', 'profile_models']
@@ -79,7 +79,7 @@ def profile_one(
     torch._dynamo.reset()
     model = create_benchmark_model(name, res, **model_kwargs).to(device)
     optimizer, x, y = prepare_step(model, mode, batch, res, device, model_kwargs)
-    step = _make_step(compile_model(model, compile_mode), x, y, mode, device, amp_dtype, optimizer)
+    step = make_step(compile_model(model, compile_mode), x, y, mode, device, amp_dtype, optimizer)
     for _ in range(warmup + 1):
         step()
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == 'cuda' else [])
