@@ -10,34 +10,22 @@ import onnxruntime as ort
 import pytest
 import timm
 import torch
-from PIL import Image
 
 import hgrn_vision  # noqa: F401
 from hgrn_vision import export as export_mod
-from hgrn_vision.train import trainer
-from hgrn_vision.train.args import parse_args, train_parser
 
-AUTHORS = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'data', 'authors_hgrn')
 KWARGS = dict(embed_dim=32, depth=2, patch_size=8)  # 32 px images: 4 x 4 tokens
 
 
 @pytest.fixture(scope='module')
-def run(tmp_path_factory):
+def run(make_image_folder, run_train, tmp_path_factory):
     """A 1-epoch train.py run with EMA of a small HGRN-DeiT on 3 classes of 32 px images: (run folder, checkpoint)."""
     root = tmp_path_factory.mktemp('export_run')
-    rng = np.random.default_rng(0)
-    for split, n in (('train', 8), ('val', 4)):
-        for c in range(3):
-            os.makedirs(root / 'data' / split / f'c{c}')
-            for i in range(n):
-                img = rng.integers(0, 80, (32, 32, 3), dtype=np.uint8)
-                img[..., c] += 150
-                Image.fromarray(img).save(root / 'data' / split / f'c{c}' / f'{i}.png')
-    res = trainer.train(parse_args(train_parser(), [str(a) for a in [
-        root / 'data', '--val-split', 'val', '--model', 'hgrn_deit_tiny', '--model-kwargs',
+    res = run_train([
+        make_image_folder(root / 'data'), '--val-split', 'val', '--model', 'hgrn_deit_tiny', '--model-kwargs',
         *[f'{k}={v}' for k, v in KWARGS.items()], '--img-size', 32, '--device', 'cpu', '--workers', 0, '--no-progress',
         '--no-plot', '-b', 8, '--epochs', 1, '--lr', 1e-3, '--warmup-epochs', 0, '--model-ema',
-        '--output', root, '--experiment', 'run']]))
+        '--output', root, '--experiment', 'run'])
     return res['run_dir'], os.path.join(res['run_dir'], 'last.pth.tar')
 
 
@@ -56,14 +44,14 @@ def _export(argv):
     return export_mod.main([str(a) for a in argv])
 
 
-def _fails(argv, capsys):
-    """Run the export that must fail; returns its one-line error."""
-    with pytest.raises(SystemExit) as e:
-        _export(argv)
-    assert e.value.code == 2
-    err = capsys.readouterr().err.strip()
-    assert err.startswith('error: ') and 'Traceback' not in err, err
-    return err
+@pytest.fixture
+def fails(main_fails):
+    """`fails(argv)` runs the export that must fail and returns its one-line error."""
+    def run(argv):
+        err = main_fails(export_mod.main, argv).strip()
+        assert err.startswith('error: ') and 'Traceback' not in err, err
+        return err
+    return run
 
 
 @pytest.mark.parametrize('ema', [False, True])
@@ -118,20 +106,19 @@ def test_onnx(run, tmp_path):
     assert sorted(os.listdir(out)) == ['README.md', 'config.json', 'model.safetensors']
 
 
-def test_bare_state_dict_of_the_authors(tmp_path, capsys):
+def test_bare_state_dict_of_the_authors(authors_dir, fails, tmp_path):
     """A bare state dict (the authors' layout, converted) with its model named by flags; EMA is refused there."""
-    argv = [os.path.join(AUTHORS, 'checkpoint.pth'), tmp_path / 'hub', '--model', 'hgrn_deit_tiny',
+    argv = [authors_dir / 'checkpoint.pth', tmp_path / 'hub', '--model', 'hgrn_deit_tiny',
             '--model-kwargs', 'embed_dim=64', 'depth=2', '--num-classes', 10]
-    assert 'holds no EMA weights' in _fails(argv + ['--ema'], capsys)
-    assert 'no train.py args naming its model: pass --model' in _fails(argv[:2], capsys)
+    assert 'holds no EMA weights' in fails(argv + ['--ema'])
+    assert 'no train.py args naming its model: pass --model' in fails(argv[:2])
     _export(argv)
     model = timm.create_model(f'local-dir:{tmp_path / "hub"}', pretrained=True).eval()
-    x = torch.load(os.path.join(AUTHORS, 'input.pt'))
-    torch.testing.assert_close(_logits(model, x), torch.load(os.path.join(AUTHORS, 'logits_fp32.pt')), rtol=0,
-                               atol=1e-5)
+    x = torch.load(authors_dir / 'input.pt')
+    torch.testing.assert_close(_logits(model, x), torch.load(authors_dir / 'logits_fp32.pt'), rtol=0, atol=1e-5)
 
 
-def test_bad_input(run, tmp_path, capsys):
+def test_bad_input(run, fails, tmp_path):
     """One line for each, and nothing written: another architecture, keys or flags that do not fit, a missing file,
     an unknown model, an ONNX size limit below the model's size, an OUTPUT_DIR in use (unless --force, which keeps
     the other files)."""
@@ -139,23 +126,23 @@ def test_bad_input(run, tmp_path, capsys):
     out = tmp_path / 'out'
     for name in ('deit_tiny_patch16_224', 'test_resnet'):
         torch.save(timm.create_model(name, num_classes=3).state_dict(), tmp_path / f'{name}.pth')
-        err = _fails([tmp_path / f'{name}.pth', out, '--model', 'hgrn_deit_tiny', '--num-classes', 3], capsys)
+        err = fails([tmp_path / f'{name}.pth', out, '--model', 'hgrn_deit_tiny', '--num-classes', 3])
         assert 'does not fit' in err and 'hgrn_deit_tiny' in err and 'another architecture' in err and len(err) < 500
     torch.save(_checkpoint_model(ckpt, 'state_dict').state_dict(), tmp_path / 'ours.pth')
-    err = _fails([tmp_path / 'ours.pth', out, '--model', 'hgrn_deit_tiny', '--model-kwargs', 'embed_dim=48', 'depth=2',
-                  'patch_size=8', '--num-classes', 3], capsys)
+    err = fails([tmp_path / 'ours.pth', out, '--model', 'hgrn_deit_tiny', '--model-kwargs', 'embed_dim=48', 'depth=2',
+                 'patch_size=8', '--num-classes', 3])
     assert 'does not fit model hgrn_deit_tiny' in err and 'embed_dim=48' in err
-    err = _fails([ckpt, out, '--model-kwargs', 'embed_dim=48'], capsys)
+    err = fails([ckpt, out, '--model-kwargs', 'embed_dim=48'])
     assert "--model-kwargs {'embed_dim': 48} disagrees with checkpoint" in err
-    assert 'does not exist' in _fails([tmp_path / 'missing.pth', out], capsys)
-    assert "Unknown model 'hgrn_deit_tinny'; did you mean hgrn_deit_tiny" in _fails(
-        [tmp_path / 'ours.pth', out, '--model', 'hgrn_deit_tinny'], capsys)
-    assert 'smaller than the model' in _fails([ckpt, out, '--onnx', '--onnx-max-size', 16], capsys)
+    assert 'does not exist' in fails([tmp_path / 'missing.pth', out])
+    assert "Unknown model 'hgrn_deit_tinny'; did you mean hgrn_deit_tiny" in fails(
+        [tmp_path / 'ours.pth', out, '--model', 'hgrn_deit_tinny'])
+    assert 'smaller than the model' in fails([ckpt, out, '--onnx', '--onnx-max-size', 16])
     assert not os.path.exists(out)
 
     os.makedirs(out)
     (out / 'notes.txt').write_text('mine')
-    assert 'exists and is not empty' in _fails([ckpt, out], capsys)
+    assert 'exists and is not empty' in fails([ckpt, out])
     assert os.listdir(out) == ['notes.txt']
     _export([ckpt, out, '--force'])
     assert sorted(os.listdir(out)) == ['README.md', 'config.json', 'model.safetensors', 'notes.txt']

@@ -18,7 +18,7 @@ import timm
 
 import hgrn_vision  # noqa: F401
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 CACHE = ROOT / '.timm_tests'
 MODELS = ('hgrn_deit_tiny', 'hgrn_deit_small', 'hgrn_deit_base')
 # every test of timm's suite that our entries are parametrized into, one per model
