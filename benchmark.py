@@ -19,6 +19,7 @@ from timm.utils import ParseKwargs
 import hgrn_vision  # noqa: F401  (registers the hgrn_deit entries with timm)
 from hgrn_vision.benchmark import benchmark_models, benchmark_scan, parse_dtype, profile_models
 from hgrn_vision.benchmark.models import COMPILE_SETTINGS, check_compile_settings, reference_models
+from hgrn_vision.benchmark.scan import scan_impls
 
 
 def _shape(text: str) -> Tuple[int, int, int]:
@@ -154,7 +155,7 @@ def main(argv: Optional[List[str]] = None) -> dict:
     timing = {k: getattr(args, k) for k in timing_keys if getattr(args, k) is not None}
     impls = args.impls
     if args.no_torch:
-        impls = [i for i in (impls or hgrn_vision.ops.available_impls()) if i not in ('torch', 'reference')]
+        impls = [i for i in (impls or scan_impls()) if i not in ('torch', 'reference')]
     return benchmark_scan(
         device=args.device,
         shapes=args.shapes,

@@ -2,7 +2,8 @@
 (`bihgru_scan_norm_gate`), against the device's copy bandwidth.
 
 First the device copy bandwidth is measured (one large device-to-device copy, bytes read + written over its median
-time). Then for each op, shape (B, N, C), dtype and implementation in `available_impls()` (except 'reference'):
+time). Then for each op, shape (B, N, C), dtype and implementation in `scan_impls()` (except 'reference': the op's
+implementations and the baselines of `baselines.py`, which run the scan alone):
 forward (under `no_grad`), backward alone (`torch.autograd.grad` on a retained graph) and forward + backward are
 timed after warm-up, L2 flushed before each call, median of many. On CUDA each is captured once in a CUDA graph and
 its replays are timed: the kernels' GPU time (`*_ms`), which the GB/s columns use; the plain calls between CUDA
@@ -44,8 +45,13 @@ from .utils import (
     write_json,
 )
 
+try:  # the baselines are Triton kernels: none where Triton is absent
+    from .baselines import BASELINES
+except ImportError:
+    BASELINES = {}
+
 __all__ = ['SCAN_SHAPES', 'FWD_ELEMS', 'BWD_ELEMS', 'MIXER_FWD_ELEMS', 'MIXER_BWD_ELEMS', 'OPS', 'make_scan_inputs',
-           'cast_scan_inputs', 'float64_reference', 'rel_err', 'benchmark_scan', 'check_scan']
+           'cast_scan_inputs', 'float64_reference', 'rel_err', 'scan_impls', 'benchmark_scan', 'check_scan']
 
 SCAN_SHAPES: Tuple[Tuple[int, int, int], ...] = (
     (256, 256, 192), (256, 256, 384), (64, 1024, 384), (16, 5329, 384), (1, 256, 192))
@@ -124,10 +130,19 @@ def _op_inputs(op: str, inputs: Sequence[torch.Tensor], dtype: torch.dtype, requ
     return [t.requires_grad_(requires_grad) for t in x]
 
 
+def scan_impls() -> Tuple[str, ...]:
+    """What the scan benchmark runs: `bihgru_scan`'s implementations, then the baselines (the scan alone)."""
+    return available_impls() + tuple(BASELINES)
+
+
+def _scan(impl: str, x: Sequence[torch.Tensor]) -> torch.Tensor:
+    return BASELINES[impl](*x) if impl in BASELINES else bihgru_scan(*x, impl=impl)
+
+
 def _call(op: str, impl: str, x: Sequence[torch.Tensor]) -> torch.Tensor:
     if op == 'mixer':
         return bihgru_scan_norm_gate(*x[:-1], in_bias=x[-1], impl=impl)
-    return bihgru_scan(*x, impl=impl)
+    return _scan(impl, x)
 
 
 def _time_into(row: Dict[str, Any], key: str, fn, device: torch.device, timing: Dict[str, Any],
@@ -202,7 +217,7 @@ def check_scan(
     """Puts the relative errors of `impl` in `dtype` against the float64 reference `ref` into `row`: 'out', then
     the five gradients (the output's error stays when the backward fails)."""
     x = cast_scan_inputs(inputs, dtype, requires_grad=True)
-    out = bihgru_scan(*x, impl=impl)
+    out = _scan(impl, x)
     row['out'] = rel_err(out, ref[0])
     grads = torch.autograd.grad(out, x, dout.to(out.dtype))
     row.update({n: rel_err(a, b) for n, a, b in zip(_GRAD_NAMES, grads, ref[1:])})
@@ -223,17 +238,17 @@ def benchmark_scan(
     """Runs the scan benchmark (and with `check` the float64 comparison), prints the tables, writes
     `<name>.csv` (and `<name>_check.csv`) and `<name>.json` into `output_dir`.
 
-    `shapes` default to `SCAN_SHAPES` on CUDA (`CPU_SHAPES` on the CPU), `impls` to every available one but
-    'reference', `ops` to both ('scan', 'mixer'; the float64 check covers the scan); `timing` (`time_fn` arguments)
-    overrides `GPU_TIMING` / `CPU_TIMING`. An implementation that
-    fails or runs out of memory at a shape gives a row with its status.
+    `shapes` default to `SCAN_SHAPES` on CUDA (`CPU_SHAPES` on the CPU), `impls` to every one of `scan_impls()` but
+    'reference', `ops` to both ('scan', 'mixer'; the float64 check covers the scan; baselines run the scan only);
+    `timing` (`time_fn` arguments) overrides `GPU_TIMING` / `CPU_TIMING`. An implementation that fails or runs out of
+    memory at a shape gives a row with its status.
     """
     dev = torch.device(device)
     shapes = [tuple(s) for s in (shapes or (SCAN_SHAPES if dev.type == 'cuda' else CPU_SHAPES))]
-    impls = list(impls or [i for i in available_impls() if i != 'reference'])
-    unknown = [i for i in impls if i not in available_impls()]
+    impls = list(impls or [i for i in scan_impls() if i != 'reference'])
+    unknown = [i for i in impls if i not in scan_impls()]
     if unknown:
-        raise ValueError(f'Unknown scan impl(s) {unknown}; available: {available_impls()}.')
+        raise ValueError(f'Unknown scan impl(s) {unknown}; available: {scan_impls()}.')
     timing = {**(GPU_TIMING if dev.type == 'cuda' else CPU_TIMING), **(timing or {})}
 
     meta = environment(dev)
@@ -264,7 +279,7 @@ def benchmark_scan(
                 except OOM_ERRORS:
                     print(f'  no float64 reference at {(B, N, C)} {dtype}: out of memory', flush=True)
                 release_memory(dev)
-            for impl, op in ((i, o) for i in impls for o in ops):
+            for impl, op in ((i, o) for i in impls for o in ops if o == 'scan' or i not in BASELINES):
                 row: Dict[str, Any] = dict(op=op, impl=impl, B=B, N=N, C=C, dtype=str(dtype).replace('torch.', ''),
                                            status='ok')
                 try:

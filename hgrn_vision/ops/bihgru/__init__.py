@@ -19,7 +19,6 @@ Implementations (`impl=`):
   'reference'  step-by-step loop (`naive.py`): the ground truth, float64-capable, TorchScript-able, slow.
   'torch'      log-depth parallel scan (`parallel.py`): the fast path for the CPU and any device.
   'triton'     the fused Triton kernel (`fused.py`), forward and backward, for CUDA (CPU under TRITON_INTERPRET=1).
-  'triton_seq' benchmark baseline shaped like the authors' CUDA kernel (`sequential.py`); CUDA only.
 `impl=None` picks the best one available for the inputs' device.
 
 `bihgru_scan_norm_gate(x, ...)` is the HGRU mixer between its projections, `LayerNorm(scan(u, z)) * silu(g)` for the
@@ -45,9 +44,7 @@ _IMPLS: Dict[str, Callable[..., torch.Tensor]] = {
 try:  # triton is absent on some platforms (macOS, Windows): the PyTorch paths still work there
     from .fused import bihgru_scan_triton
     from .norm_gate import bihgru_scan_norm_gate_triton
-    from .sequential import bihgru_scan_sequential
     _IMPLS['triton'] = bihgru_scan_triton
-    _IMPLS['triton_seq'] = bihgru_scan_sequential  # benchmark baseline: the authors' two-call, flip-copy design
 except ImportError:
     pass
 
