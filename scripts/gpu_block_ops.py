@@ -1,10 +1,11 @@
-"""GPU session script for the `low_memory` block ops (`silu_glu_linear`, `layer_norm_linear`, the mixer op with
-out_proj inside): run on the lent GPU as `PYTHONPATH=. python scripts/gpu_block_ops.py [WHAT ...]` with WHAT among
+"""GPU checks and re-tuning of the `low_memory` block ops (`silu_glu_linear`, `layer_norm_linear`, the mixer op with
+out_proj inside): run on a GPU as `PYTHONPATH=. python scripts/gpu_block_ops.py [WHAT ...]` with WHAT among
 
   check    the two ops against float64 at the small model's shapes (bf16 and fp32), and a depth-2 hgrn_deit_small
            with low_memory=True (every fused op) against its PyTorch paths in fp32; prints relative errors
-  tune     the two backward kernels' launch configs at the small model's shapes at 224 (B=256): GPU time of the
-           op's backward function replayed from a CUDA graph, and GB/s over the bytes each kernel must move
+  tune     the two backward kernels' launch configs (`glu.BWD_CONFIG`, `norm_linear.BWD_CONFIG`) at the small model's
+           shapes at 224 (B=256): GPU time of the op's backward function replayed from a CUDA graph, and GB/s over
+           the bytes each kernel must move
   profile  compiled hgrn_deit_small training at 224 (B=256), default against low_memory=True: torch.profiler's
            kernel time per kernel name, side by side, one process
 
@@ -24,6 +25,8 @@ import hgrn_vision.ops.glu as glu
 import hgrn_vision.ops.norm_linear as nl
 from hgrn_vision.benchmark import rel_err, train_step
 from hgrn_vision.ops import layer_norm_linear, silu_glu_linear
+from hgrn_vision.ops.glu import GluConfig
+from hgrn_vision.ops.triton_utils import RowConfig
 
 dev = 'cuda'
 
@@ -84,21 +87,22 @@ def tune():
     """Each backward kernel at its configs; the first row of each is the current one."""
     M, H, C = 256 * 256, 768, 384
     x, dp = torch.randn(M, 2 * H, device=dev, dtype=torch.bfloat16), torch.randn(M, H, device=dev, dtype=torch.bfloat16)
-    current = glu.BWD_CFG
-    print(f'== _silu_glu_bwd_kernel ({M}, 2 x {H}) bf16, (rows, channels, warps, programs per SM); moves 6 M H x 2 B')
+    current = glu.BWD_CONFIG
+    print(f'== silu_glu_bwd_kernel ({M}, 2 x {H}) bf16, (rows, channels, warps, programs per SM); moves 6 M H x 2 B')
     for cfg in [current, *itertools.product((8, 16, 32), (64, 128, 256), (2, 4), (8, 16))]:
-        glu.BWD_CFG = cfg
-        print(f'  {str(cfg):>20} {_time(lambda: glu.silu_glu_bwd(dp, x), 12 * M * H)}', flush=True)
-    glu.BWD_CFG = current
+        glu.BWD_CONFIG = GluConfig(*cfg)
+        print(f'  {str(tuple(cfg)):>20} {_time(lambda: glu.silu_glu_bwd(dp, x), 12 * M * H)}', flush=True)
+    glu.BWD_CONFIG = current
     xs, dy = torch.randn(M, C, device=dev, dtype=torch.bfloat16), torch.randn(M, C, device=dev, dtype=torch.bfloat16)
     mean, rstd = torch.randn(M, device=dev), torch.rand(M, device=dev) + 0.5
     w, b = torch.randn(C, device=dev), torch.randn(C, device=dev)
-    current = nl.BWD_CFG
-    print(f'== _layer_norm_bwd_kernel ({M}, {C}) bf16, (rows, warps, programs per SM); moves 4 M C x 2 B')
+    current = nl.BWD_CONFIG
+    print(f'== layer_norm_bwd_kernel ({M}, {C}) bf16, (rows, warps, programs per SM); moves 4 M C x 2 B')
     for cfg in [current, *itertools.product((1, 2, 4, 8), (1, 2, 4, 8), (8, 16))]:
-        nl.BWD_CFG = cfg
-        print(f'  {str(cfg):>20} {_time(lambda: nl.layer_norm_bwd(dy, xs, mean, rstd, w, b), 8 * M * C)}', flush=True)
-    nl.BWD_CFG = current
+        nl.BWD_CONFIG = RowConfig(*cfg)
+        print(f'  {str(tuple(cfg)):>20} {_time(lambda: nl.layer_norm_bwd(dy, xs, mean, rstd, w, b), 8 * M * C)}',
+              flush=True)
+    nl.BWD_CONFIG = current
 
 
 def _kernel_times(low_memory, steps=5):
@@ -124,6 +128,9 @@ def profile_step():
 
 
 if __name__ == '__main__':
+    if {'-h', '--help'} & set(sys.argv[1:]):
+        print(__doc__)
+        sys.exit()
     print(torch.cuda.get_device_name(), 'torch', torch.__version__, 'triton', triton.__version__, flush=True)
     for what in sys.argv[1:] or ['check', 'tune', 'profile']:
         {'check': check, 'tune': tune, 'profile': profile_step}[what]()

@@ -1,18 +1,19 @@
-"""GPU session script for the fused scan: repeated runs on poisoned memory, correctness at the benchmark shapes,
-torch.compile of a model, block-size tuning, host overhead, the mixer's fused scan + LayerNorm + gate op.
+"""GPU checks and re-tuning of the scan kernels: repeated runs on poisoned memory, correctness at the benchmark
+shapes, torch.compile of a model, the config tables' sweeps, host overhead, the mixer's scan + LayerNorm + gate op.
 
-Run on the lent GPU: `PYTHONPATH=. python scripts/gpu_scan_tune.py [WHAT ...]` with WHAT among stress, check,
-compile, tune (the default: these four), compile_lm (compile with low_memory=True), host (the host-side cost of the
-op's Python paths), onchip (the one-read forward against the two-sweep one), chunks (forced sequence splits),
+Run on a GPU: `PYTHONPATH=. python scripts/gpu_scan_tune.py [WHAT ...]` with WHAT among stress, check, compile, tune
+(the default: these four), compile_lm (compile with low_memory=True), host (the host-side cost of the op's Python
+paths), onchip (the one-read forward against the two-sweep one, at its configs), chunks (forced sequence splits),
 normgate (the fused scan + LayerNorm + gate op against the scan op composed with them), normgate_tune (that op's row
-kernels' configs); or `... compare OTHER_FUSED.py [...]` (forward and backward against other versions of fused.py,
-e.g. `git show REV:hgrn_vision/ops/bihgru/fused.py > /tmp/f.py`, side by side in alternated rounds). Prints tables;
-nothing is timed in tests.
+kernels' configs); or `... compare TREE [TREE ...]` (forward and backward against the ops of other checkouts, e.g.
+`git worktree add /tmp/old REV`, side by side in alternated rounds). Prints tables; nothing is timed in tests.
+`tune` sweeps `fwd.FWD_CONFIGS` and `bwd.BWD_CONFIGS`, `onchip` `fwd_onchip.ONCHIP_CONFIG`, `normgate_tune`
+`norm_gate.FWD_CONFIGS` and `BWD_CONFIGS`: copy the best into the table with the GPU and shapes it was tuned on.
 """
-import importlib.util
-import inspect
+import importlib
 import itertools
 import os
+import shutil
 import sys
 import tempfile
 import time
@@ -22,12 +23,16 @@ import torch.nn.functional as F
 import triton
 import triton.testing
 
-import hgrn_vision.ops.bihgru.fused as fz
-import hgrn_vision.ops.bihgru.norm_gate as ng
 from hgrn_vision.benchmark import cast_scan_inputs, float64_reference, make_scan_inputs, measure_copy_bandwidth, rel_err
 from hgrn_vision.benchmark.utils import host_and_wall
 from hgrn_vision.ops import bihgru_scan, bihgru_scan_norm_gate
+from hgrn_vision.ops.bihgru import bwd, common, fused, fwd, fwd_onchip, norm_gate
+from hgrn_vision.ops.bihgru.bwd import BwdConfig
+from hgrn_vision.ops.bihgru.fwd import FwdConfig
+from hgrn_vision.ops.bihgru.fwd_onchip import OnchipConfig
+from hgrn_vision.ops.triton_utils import RowConfig
 
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SHAPES = [(256, 256, 192), (256, 256, 384), (64, 1024, 384), (16, 5329, 384), (1, 256, 192)]
 
 
@@ -74,42 +79,48 @@ def check(shapes=SHAPES, repeat_first=True):
         torch.cuda.empty_cache()
 
 
-def _load_kernels(src, name):
-    """A module of fused.py's kernels from source text `src` (the op registration left out), through a temporary
-    file (Triton reads the source of the functions it compiles)."""
-    src = src[:src.index('# ---- the op')]
-    path = os.path.join(tempfile.mkdtemp(), f'{name}.py')
-    with open(path, 'w') as f:
-        f.write(src)
-    spec = importlib.util.spec_from_file_location(name, path)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+def _load_ops(tree, name, edit=lambda src: src):
+    """The scan op module (`bihgru/fused.py`, with `bihgru_fwd` and `bihgru_bwd`) of another checkout's ops package,
+    imported as the package `name`: its files copied to a temporary folder (Triton reads the source of what it
+    compiles) with `edit` applied to each and 'hgrn_vision' renamed, so that its ops register under their own
+    namespace beside this tree's."""
+    dst = os.path.join(tempfile.mkdtemp(), name)
+    shutil.copytree(os.path.join(tree, 'hgrn_vision', 'ops'), dst)
+    for folder, _, files in os.walk(dst):
+        for file in files:
+            if file.endswith('.py'):
+                path = os.path.join(folder, file)
+                with open(path) as f:
+                    src = edit(f.read()).replace('hgrn_vision', name)
+                with open(path, 'w') as f:
+                    f.write(src)
+    sys.path.insert(0, os.path.dirname(dst))
+    return importlib.import_module(f'{name}.bihgru.fused')
 
 
 def _without_barriers():
-    """fused.py's kernels with every `tl.debug_barrier()` removed, to show that the barriers are needed."""
-    return _load_kernels(inspect.getsource(fz).replace('tl.debug_barrier()', 'pass'), 'fused_nobarrier')
+    """This tree's scan kernels with every `tl.debug_barrier()` removed, to show that the barriers are needed."""
+    return _load_ops(ROOT, 'ops_nobarrier', lambda src: src.replace('tl.debug_barrier()', 'pass'))
 
 
 def _directions(x, do, ref):
     """(name, floor elements per (B, N, C) element, run(module) -> outputs, their float64 references) of the forward
-    and the backward at inputs x and output gradient do, ref from `float64_reference(x, do)`."""
+    and the backward at inputs x and output gradient do, ref from `float64_reference(x, do)`; module: a scan op module
+    (`fused` or one from `_load_ops`)."""
     return (('fwd', 5, lambda m: [m.bihgru_fwd(*x)], ref[:1]),
             ('bwd', 8, lambda m: m.bihgru_bwd(do, *x)[:5], ref[1:]))
 
 
 def compare(paths, shapes=((256, 256, 384), (64, 1024, 384), (16, 5329, 384), (256, 256, 192), (1, 256, 192)),
             rounds=2):
-    """Forward and backward of the current kernels against those of other versions of fused.py (e.g. an earlier
-    commit's, or variants), side by side in one run, bf16 and fp32: each version's max rel. error against float64,
-    then `rounds` alternated rounds of CUDA-graph timings, the better round reported; x = current / version (> 1:
-    the version is faster)."""
+    """Forward and backward of the current kernels against those of other checkouts (e.g. an earlier commit's, or
+    variants), side by side in one run, bf16 and fp32: each version's max rel. error against float64, then `rounds`
+    alternated rounds of CUDA-graph timings, the better round reported; x = current / version (> 1: the version is
+    faster)."""
     others = {}
     for path in paths:
-        with open(path) as f:
-            others[os.path.basename(path)[:-3]] = _load_kernels(f.read(), f'fused_{len(others)}')
-    mods = {'current': fz, **others}
+        others[os.path.basename(os.path.normpath(path))] = _load_ops(path, f'ops_other{len(others)}')
+    mods = {'current': fused, **others}
     bw = measure_copy_bandwidth(torch.device('cuda'))['copy_gbps']
     print(f'== current vs {", ".join(paths)}; copy bandwidth {bw:.0f} GB/s; % of it over 5 (forward) or 8 (backward) '
           'elements; x = current time / version time (> 1: the version is faster) ==')
@@ -149,7 +160,7 @@ def stress(reps=8):
     def direct(mod):
         return lambda x, do: (mod.bihgru_fwd(*x), mod.bihgru_bwd(do, *x))[1]
 
-    variants = [('autograd', autograd), ('direct', direct(fz)), ('direct, no barrier', direct(nobar))]
+    variants = [('autograd', autograd), ('direct', direct(fused)), ('direct, no barrier', direct(nobar))]
     for (B, N, C), dtype in itertools.product(SHAPES[:3], (torch.float32, torch.bfloat16)):
         x = inputs(B, N, C, dtype)
         do = torch.randn(x[0].shape, device='cuda', dtype=torch.float64)
@@ -171,42 +182,51 @@ def stress(reps=8):
 
 def bench(fn, rep=200):
     """Median ms of fn's calls replayed from a CUDA graph: the kernels' GPU time without the host's launch path, which
-    `do_bench` counted (in run61 its timings of the same kernels swung up to 10x while whole steps held within 5%).
-    No L2 flush between replays: shapes that fit in L2 read faster than from memory."""
+    `do_bench` counts (its timings of one kernel swing by several times). No L2 flush between replays: shapes that
+    fit in L2 read faster than from memory."""
     return triton.testing.do_bench_cudagraph(fn, rep=rep, return_mode='median')
 
 
-def _time_cfgs(label, shape, run, floor_elems):
-    """Time `run` at `shape` (bf16) with each of CFGS as the `label` kernel's 16-bit config ('FWD_CFG' or 'BWD_CFG')."""
-    x = inputs(*shape, torch.bfloat16)
-    do = torch.randn(shape[0], shape[1], 2 * shape[2], device='cuda', dtype=torch.bfloat16)
-    floor = floor_elems * shape[0] * shape[1] * shape[2] * 2
-    cfgs = getattr(fz, label)
-    default = cfgs[2]
-    for cfg in CFGS:
-        cfgs[2] = cfg
+def _time_cfgs(module, table, key, cfgs, shape, dtype, run, floor_elems, bw):
+    """Time `run` at `shape` in `dtype` with each config of `cfgs` as entry `key` of `module.table`, then restore
+    it."""
+    x = inputs(*shape, dtype)
+    do = torch.randn(shape[0], shape[1], 2 * shape[2], device='cuda', dtype=dtype)
+    floor = floor_elems * shape[0] * shape[1] * shape[2] * x[0].element_size()
+    configs = getattr(module, table)
+    default = configs[key]
+    for cfg in cfgs:
+        configs[key] = cfg
         try:
             ms = bench(lambda: run(x, do), rep=100)
         except Exception as e:  # noqa: BLE001  (a config that does not compile is reported, not fatal)
-            print(label, shape, cfg, 'failed', type(e).__name__, str(e)[:200])
+            print(table, shape, cfg, 'failed', type(e).__name__, str(e)[:200])
             continue
-        print(f'{label} {str(shape):>18} BC={cfg[0]:<4} w={cfg[1]} P/SM={cfg[2]:<3} '
-              f'{ms * 1e3:9.1f} us {floor / ms / 1e6:8.0f} GB/s {100 * floor / ms / 1e6 / BW[0]:5.1f}%')
+        print(f'{table} {str(shape):>18} {str(dtype)[6:]:>8} {cfg} {ms * 1e3:9.1f} us {floor / ms / 1e6:8.0f} GB/s '
+              f'{100 * floor / ms / 1e6 / bw:5.1f}%')
         sys.stdout.flush()
-    cfgs[2] = default
+    configs[key] = default
 
 
-BW = [1.]
-# (BLOCK_C, WARPS, PROGRAMS_PER_SM) as in fused.FWD_CFG / BWD_CFG; rows per group are fixed (GROUP)
-CFGS = [(64, 2, 8), (64, 2, 16), (64, 2, 32), (32, 1, 16), (32, 1, 8), (32, 1, 32), (128, 4, 8)]
+# (block_c, num_warps, programs_per_sm) to sweep; each with the table's load_ahead / max_registers, then the table's
+# entry with load_ahead flipped and with max_registers uncapped. Rows per group are fixed (`common.GROUP`).
+BLOCKS = [(64, 2, 8), (64, 2, 16), (64, 2, 32), (32, 1, 16), (32, 1, 8), (32, 1, 32), (128, 4, 8)]
 
 
-def tune(bw):
-    BW[0] = bw
+def tune(bw, shapes=((256, 256, 384), (16, 5329, 384), (1, 256, 192)), dtypes=(torch.bfloat16, torch.float32)):
+    """The two-sweep forward's and the backward's configs (`fwd.FWD_CONFIGS`, `bwd.BWD_CONFIGS`) at each shape and
+    dtype, the forward forced to the two-sweep kernel."""
     print(f'== copy bandwidth {bw:.0f} GB/s; forward GB/s over 5 elements, backward over 8 ==')
-    for shape in [(256, 256, 384), (16, 5329, 384), (1, 256, 192)]:
-        _time_cfgs('FWD_CFG', shape, lambda x, do: fz.bihgru_fwd(*x), 5)
-        _time_cfgs('BWD_CFG', shape, lambda x, do: fz.bihgru_bwd(do, *x), 8)
+    onchip_fits = fused.onchip_fits
+    fused.onchip_fits = lambda *args: False
+    for shape, dtype in itertools.product(shapes, dtypes):
+        key = torch.empty((), dtype=dtype).element_size()
+        f, b = fwd.FWD_CONFIGS[key], bwd.BWD_CONFIGS[key]
+        fcfgs = [FwdConfig(*blk, f.load_ahead) for blk in BLOCKS] + [f._replace(load_ahead=not f.load_ahead)]
+        bcfgs = [BwdConfig(*blk, b.max_registers) for blk in BLOCKS] + [b._replace(max_registers=None)]
+        _time_cfgs(fwd, 'FWD_CONFIGS', key, fcfgs, shape, dtype, lambda x, do: fused.bihgru_fwd(*x), 5, bw)
+        _time_cfgs(bwd, 'BWD_CONFIGS', key, bcfgs, shape, dtype, lambda x, do: fused.bihgru_bwd(do, *x), 8, bw)
+    fused.onchip_fits = onchip_fits
 
 
 def chunks(shapes=((256, 256, 384), (256, 256, 192)), splits=(1, 2, 4, 8)):
@@ -214,23 +234,23 @@ def chunks(shapes=((256, 256, 384), (256, 256, 192)), splits=(1, 2, 4, 8)):
     against float64: a chunk's second read of u, z comes back after chunk_len rows instead of N, so it may hit L2,
     at the price of the summary pass's extra read. Times each split beside the unsplit one."""
     print('== forced splits of the sequence (chunks, rows a chunk), bf16 ==')
-    pick = fz._chunks
+    pick = common.chunks
     for shape in shapes:
         x = inputs(*shape, torch.bfloat16)
         do = torch.randn(shape[0], shape[1], 2 * shape[2], device='cuda', dtype=torch.bfloat16)
         ref = float64_reference(x, do)
         base = {}
         for n in splits:
-            rows = triton.cdiv(triton.cdiv(shape[1], n), fz.GROUP) * fz.GROUP
-            fz._chunks = lambda B, N, C, device, cfg, rows=rows: (triton.cdiv(C, cfg[0]), triton.cdiv(N, rows),
-                                                                   rows)
+            rows = triton.cdiv(triton.cdiv(shape[1], n), common.GROUP) * common.GROUP
+            fwd.chunks = bwd.chunks = lambda B, N, C, device, cfg, rows=rows: (
+                triton.cdiv(C, cfg.block_c), triton.cdiv(N, rows), rows)
             for name, _, run, want in _directions(x, do, ref):
-                err = max(rel_err(a, b) for a, b in zip(run(fz), want))
-                t = bench(lambda: run(fz), rep=100)
+                err = max(rel_err(a, b) for a, b in zip(run(fused), want))
+                t = bench(lambda: run(fused), rep=100)
                 base.setdefault(name, t)
                 print(f'{name} {str(shape):>16} {n} x {rows:>3} rows {t * 1e3:8.1f} us  speed-up {base[name] / t:5.2f}x'
                       f'  err {err:.1e}', flush=True)
-        fz._chunks = pick
+        fwd.chunks = bwd.chunks = pick
         del x, do, ref
         torch.cuda.empty_cache()
 
@@ -245,12 +265,12 @@ def host_overhead(shapes=((1, 256, 192), (256, 256, 384))):
         do = torch.randn(x[0].shape, device='cuda', dtype=torch.bfloat16)
         out = bihgru_scan(*xg, impl='triton')
         cases = {
-            '_chunks': lambda: fz._chunks(shape[0], shape[1], shape[2], x[0].device, fz.BWD_CFG[2]),
+            'chunks': lambda: common.chunks(shape[0], shape[1], shape[2], x[0].device, bwd.BWD_CONFIGS[2]),
             'get_device_properties': lambda: torch.cuda.get_device_properties(x[0].device),
             'torch.empty x3': lambda: [torch.empty(shape[0], shape[1], 2 * shape[2], device='cuda') for _ in range(3)],
-            'bihgru_fwd': lambda: fz.bihgru_fwd(*x),
-            'bihgru_bwd': lambda: fz.bihgru_bwd(do, *x),
-            '_bwd_op': lambda: fz._bwd_op(do, *x),
+            'bihgru_fwd': lambda: fused.bihgru_fwd(*x),
+            'bihgru_bwd': lambda: fused.bihgru_bwd(do, *x),
+            'bwd op': lambda: torch.ops.hgrn_vision.bihgru_scan_bwd(do, *x),
             'fwd op no_grad': lambda: bihgru_scan(*x, impl='triton'),
             'autograd.grad': lambda: torch.autograd.grad(out, xg, do, retain_graph=True),
         }
@@ -259,25 +279,31 @@ def host_overhead(shapes=((1, 256, 192), (256, 256, 384))):
             print(f'{str(shape):>16} {name:>22}: host {h:8.1f} us/call, synced wall {w:8.1f} us/call')
 
 
+ONCHIP_CFGS = [(16, 8), (16, 4), (16, 16), (32, 8), (8, 8)]  # (block_c, rows) to sweep
+
+
 def onchip(shapes=((1, 256, 192), (1, 256, 384), (4, 256, 384), (5, 256, 384), (8, 256, 384), (16, 256, 192),
                    (1, 197, 384), (256, 256, 384))):
-    """The one-read forward against the two-sweep one (each forced), bf16 and fp32, with the kernel that
-    `bihgru_fwd` picks and the one-read output's max rel. error against float64."""
-    print('== forward: one-read vs two-sweep (do_bench us); pick = what bihgru_fwd runs ==')
-    limit = fz.ONCHIP_MAX_N
+    """The one-read forward at each config of ONCHIP_CFGS against the two-sweep one (each forced), bf16 and fp32, with
+    the kernel that `bihgru_fwd` picks (`fwd_onchip.onchip_fits`) and each one-read output's rel. error against
+    float64."""
+    print('== forward: one-read at each (block_c, rows) vs two-sweep (us); pick = what bihgru_fwd runs ==')
+    fits, default = fused.onchip_fits, fwd_onchip.ONCHIP_CONFIG
     for shape, dtype in itertools.product(shapes, (torch.bfloat16, torch.float32)):
         x = inputs(*shape, dtype)
         ref = float64_reference(x, torch.zeros(shape[0], shape[1], 2 * shape[2], device='cuda', dtype=torch.float64))
-        pick = 'one-read' if fz._onchip_fits(*shape, x[0].device) else 'two-sweep'
-        fz.ONCHIP_MAX_N = 0
-        two = bench(lambda: fz.bihgru_fwd(*x), rep=100)
-        fz.ONCHIP_MAX_N, sms = 10 ** 9, fz._num_sms
-        fz._num_sms = lambda device: 10 ** 9
-        err = rel_err(fz.bihgru_fwd(*x), ref[0])
-        one = bench(lambda: fz.bihgru_fwd(*x), rep=100)
-        fz.ONCHIP_MAX_N, fz._num_sms = limit, sms
-        print(f'{str(shape):>16} {str(dtype)[6:]:>9}  one-read {one * 1e3:8.1f} us  two-sweep {two * 1e3:8.1f} us  '
-              f'ratio {two / one:5.2f}x  pick {pick:>9}  one-read err {err:.1e}')
+        pick = 'one-read' if fits(*shape, x[0].device) else 'two-sweep'
+        fused.onchip_fits = lambda *args: False
+        two = bench(lambda: fused.bihgru_fwd(*x), rep=100)
+        fused.onchip_fits = lambda *args: True
+        line = f'{str(shape):>16} {str(dtype)[6:]:>9}  two-sweep {two * 1e3:8.1f} us  pick {pick:>9}  one-read:'
+        for cfg in ONCHIP_CFGS:
+            fwd_onchip.ONCHIP_CONFIG = OnchipConfig(*cfg)
+            err = rel_err(fused.bihgru_fwd(*x), ref[0])
+            one = bench(lambda: fused.bihgru_fwd(*x), rep=100)
+            line += f'  {cfg} {one * 1e3:.1f} us ({two / one:.2f}x, err {err:.0e})'
+        fused.onchip_fits, fwd_onchip.ONCHIP_CONFIG = fits, default
+        print(line)
         sys.stdout.flush()
 
 
@@ -329,10 +355,11 @@ def normgate(shapes=((256, 256, 384), (64, 1024, 384), (12, 5329, 384)), check_b
         sys.stdout.flush()
 
 
-NG_FWD_CFGS = [(1, 2, 8), (1, 2, 16), (1, 4, 8), (2, 2, 8), (2, 2, 16), (2, 4, 8), (1, 1, 16)]
+NG_FWD_CFGS = [RowConfig(*c) for c in [(1, 2, 8), (1, 2, 16), (1, 4, 8), (2, 2, 8), (2, 2, 16), (2, 4, 8), (1, 1, 16)]]
 # the backward at (1, 2, .) holds 168 registers a thread (Triton 3.6), so 6 programs fit an SM: 6 and 12 programs an SM
-# run whole waves of persistent programs, 16 (the config in use) 2.67 waves
-NG_BWD_CFGS = [(1, 2, 16), (1, 2, 6), (1, 2, 12), (1, 2, 8), (2, 4, 8), (2, 2, 16), (2, 4, 4), (1, 1, 32), (4, 4, 4)]
+# run whole waves of persistent programs
+NG_BWD_CFGS = [RowConfig(*c) for c in [(1, 2, 16), (1, 2, 6), (1, 2, 12), (1, 2, 8), (2, 4, 8), (2, 2, 16), (2, 4, 4),
+                                       (1, 1, 32), (4, 4, 4)]]
 
 
 def normgate_tune(shapes=((256, 256, 384), (12, 5329, 384), (256, 256, 192), (256, 256, 768))):
@@ -340,9 +367,9 @@ def normgate_tune(shapes=((256, 256, 384), (12, 5329, 384), (256, 256, 192), (25
     what they must move (forward h, g, y: 6 elements per token and C; backward dy, h, g, dh, dg: 10), against the
     same LayerNorm + gate compiled by inductor (`F.layer_norm(h) * silu(g)`, forward and its backward). The shapes
     are the small model's at 224 and 1024, the tiny and base models' at 224; wide tokens raise a config's warps
-    (`norm_gate._warps`), so at 2C = 1536 a 1-warp config runs with 2 (forward) or 4 (backward)."""
+    (`row_warps`), so at 2C = 1536 a 1-warp config runs with 2 (forward) or 4 (backward)."""
     bw = measure_copy_bandwidth(torch.device('cuda'))['copy_gbps']
-    defaults = ng.FWD_CFG, ng.BWD_CFG
+    defaults = norm_gate.FWD_CONFIGS, norm_gate.BWD_CONFIGS
     print(f'== norm-gate row kernels, bf16; copy bandwidth {bw:.0f} GB/s ==')
     ind = torch.compile(lambda h, g, w, b: F.layer_norm(h, (h.shape[-1],), w, b) * F.silu(g))
     for B, N, C in shapes:
@@ -354,11 +381,12 @@ def normgate_tune(shapes=((256, 256, 384), (12, 5329, 384), (256, 256, 192), (25
         nbytes = B * N * C * 2
         rows = []
         for cfg in NG_FWD_CFGS:
-            ng.FWD_CFG = {D: cfg}
-            rows.append((f'fwd {cfg}', bench(lambda: ng.norm_gate_fwd(h, x, w, b, 1e-5), rep=100), 6))
+            norm_gate.FWD_CONFIGS = {D: cfg}
+            rows.append((f'fwd {tuple(cfg)}', bench(lambda: norm_gate.norm_gate_fwd(h, x, w, b, 1e-5), rep=100), 6))
         for cfg in NG_BWD_CFGS:
-            ng.BWD_CFG = {D: cfg}
-            rows.append((f'bwd {cfg}', bench(lambda: ng.norm_gate_bwd(dy, h, x, w, b, 1e-5, dx), rep=100), 10))
+            norm_gate.BWD_CONFIGS = {D: cfg}
+            rows.append((f'bwd {tuple(cfg)}', bench(lambda: norm_gate.norm_gate_bwd(dy, h, x, w, b, 1e-5, dx), rep=100),
+                         10))
         g = x[..., 3 * C:]
         rows.append(('inductor fwd', bench(lambda: ind(h, g, w, b), rep=100), 6))
         hg, gg = h.clone().requires_grad_(), g.clone().requires_grad_()
@@ -369,7 +397,7 @@ def normgate_tune(shapes=((256, 256, 384), (12, 5329, 384), (256, 256, 192), (25
             gbps = elems * nbytes / ms / 1e6
             print(f'{str((B, N, C)):>16} {name:>18} {ms * 1e3:8.1f} us {gbps:7.0f} GB/s {100 * gbps / bw:5.1f}%')
         sys.stdout.flush()
-    ng.FWD_CFG, ng.BWD_CFG = defaults
+    norm_gate.FWD_CONFIGS, norm_gate.BWD_CONFIGS = defaults
 
 
 def compile_model(low_memory: bool = False):
@@ -401,6 +429,9 @@ def compile_model(low_memory: bool = False):
 
 
 if __name__ == '__main__':
+    if {'-h', '--help'} & set(sys.argv[1:]):
+        print(__doc__)
+        sys.exit()
     print(torch.cuda.get_device_name(), 'torch', torch.__version__, 'triton', triton.__version__)
     what = sys.argv[1:] or ['stress', 'check', 'compile', 'tune']
     if what[0] == 'compare':

@@ -1,15 +1,15 @@
 """What the GPU will run, read on the CPU: each Triton kernel compiled for sm_90a (H100 / H200) with Triton's bundled
 ptxas, then its registers and spills (`ptxas -v`) and the SASS instructions of each loop (`cuobjdump -sass`: a loop is
-a backward branch), by kind. No GPU needed: the stand-in driver of `tests/kernel_writes.py` names sm_90 as the
-target. Kernel arguments are specialised as at a launch on contiguous tensors (pointers and sizes divisible by 16).
+a backward branch), by kind. No GPU needed (`hgrn_vision.ops.triton_utils.use_sm90_target`). Kernel arguments are
+specialised as at a launch on contiguous tensors (pointers and sizes divisible by 16).
 
     python scripts/kernel_sass.py                 # every kernel at its 16-bit config (the small model's shapes)
-    python scripts/kernel_sass.py _bihgru_bwd_kernel
-    PYTHONPATH=DIR python scripts/kernel_sass.py   # another Triton, e.g. the GPU box's: pip install --target DIR
-                                                    # --no-deps triton==3.6.0
+    python scripts/kernel_sass.py bihgru_bwd_kernel
+    PYTHONPATH=DIR:. python scripts/kernel_sass.py   # another Triton, e.g. the GPU box's: pip install --target DIR
+                                                      # --no-deps triton==3.6.0
 
-A loop's instruction count over the rows it handles is what a row costs to issue; see docs/kernels.md, "Byte floors"
-and "Limits and next steps", for what the counts say about the scan kernels.
+A loop's instruction count over the rows it handles is what a row costs to issue; see docs/kernels.md, "Byte floors",
+for what the counts say about the scan kernels.
 """
 import collections
 import os
@@ -19,46 +19,49 @@ import sys
 import tempfile
 
 os.environ['TRITON_INTERPRET'] = '0'
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 'tests'))
-import kernel_writes  # noqa: E402,F401  (installs the stand-in sm_90 driver)
 import triton  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
-import hgrn_vision.ops.bihgru.fused as fz  # noqa: E402
-import hgrn_vision.ops.bihgru.norm_gate as ng  # noqa: E402
-import hgrn_vision.ops.glu as glu  # noqa: E402
-import hgrn_vision.ops.norm_linear as nl  # noqa: E402
+from hgrn_vision.ops.bihgru.bwd import BWD_CONFIGS, bihgru_bwd_kernel  # noqa: E402
+from hgrn_vision.ops.bihgru.common import GROUP  # noqa: E402
+from hgrn_vision.ops.bihgru.fwd import FWD_CONFIGS, bihgru_fwd_kernel  # noqa: E402
+from hgrn_vision.ops.bihgru.norm_gate import launch_meta, norm_gate_bwd_kernel, norm_gate_fwd_kernel  # noqa: E402
+from hgrn_vision.ops.glu import BWD_CONFIG as GLU_CONFIG  # noqa: E402
+from hgrn_vision.ops.glu import silu_glu_bwd_kernel  # noqa: E402
+from hgrn_vision.ops.norm_linear import BWD_CONFIG as LN_CONFIG  # noqa: E402
+from hgrn_vision.ops.norm_linear import layer_norm_bwd_kernel  # noqa: E402
+from hgrn_vision.ops.triton_utils import BWD_CHANNELS_PER_WARP, row_warps, use_sm90_target  # noqa: E402
 
 BIN = os.path.join(os.path.dirname(triton.__file__), 'backends', 'nvidia', 'bin')
 INT_OPS = ('IADD3', 'IMAD', 'LEA', 'ISETP', 'SHF', 'PRMT', 'LOP3', 'SEL', 'VIADD', 'IABS', 'IMNMX')
 FP_OPS = ('FMUL', 'FFMA', 'FADD', 'FSEL', 'FSETP', 'MUFU', 'FMNMX', 'F2FP')
 BF, F32 = '*bf16', '*fp32'
-# u as the models' launches pass it: bf16 (Re, Im) pairs read as int32 (fused._as_pairs)
+# u as the models' launches pass it: bf16 (Re, Im) pairs read as int32 (`common.as_pairs`)
 _SCAN = dict(u_ptr='*i32', z_ptr=BF, gamma_ptr=F32, tf_ptr=F32, tr_ptr=F32, out_ptr=BF, do_ptr=BF, du_ptr=BF, dz_ptr=BF,
              part_ptr=F32, sum_ptr=F32, scr_ptr=F32)
 _ROWS = dict(h_ptr=BF, x_ptr=BF, w_ptr=F32, b_ptr=F32, y_ptr=BF, dy_ptr=BF, dh_ptr=BF, dx_ptr=BF, part_ptr=F32,
              dp_ptr=BF, p_ptr=BF, mean_ptr=F32, rstd_ptr=F32, eps='fp32')
-_NG_D = 768  # 2C of the small model
-_NG_FWD_ROWS, _, _NG_FWD_META = ng._launch(ng.FWD_CFG, _NG_D, ng.FWD_CHANNELS_PER_WARP)
-_NG_BWD_ROWS, _, _NG_BWD_META = ng._launch(ng.BWD_CFG, _NG_D, ng.BWD_CHANNELS_PER_WARP)
+_D = 768  # 2C of the small model
+_NG_FWD_ROWS, _, _NG_FWD_META = launch_meta(_D, backward=False)
+_NG_BWD_ROWS, _, _NG_BWD_META = launch_meta(_D, backward=True)
 _NG_FWD_WARPS, _NG_BWD_WARPS = _NG_FWD_META.pop('num_warps'), _NG_BWD_META.pop('num_warps')
+_FWD, _BWD = FWD_CONFIGS[2], BWD_CONFIGS[2]
 # name: (kernel, pointer / float types, constexprs, compile options) at the 16-bit configs and the small model's widths
 KERNELS = {
-    '_bihgru_fwd_kernel': (fz._bihgru_fwd_kernel, _SCAN, dict(BLOCK_C=fz.FWD_CFG[2][0], UNROLL=fz.GROUP,
-                                                               SUMMARY=False, EVEN=True, AHEAD=fz.FWD_AHEAD[2]),
-                           dict(num_warps=fz.FWD_CFG[2][1])),
-    '_bihgru_bwd_kernel': (fz._bihgru_bwd_kernel, _SCAN, dict(BLOCK_C=fz.BWD_CFG[2][0], UNROLL=fz.GROUP,
-                                                               SUMMARY=False, DZ_IN_DU=True, EVEN=True),
-                           dict(num_warps=fz.BWD_CFG[2][1], maxnreg=fz.BWD_MAXNREG)),
-    '_norm_gate_fwd_kernel': (ng._norm_gate_fwd_kernel, _ROWS, dict(ROWS=_NG_FWD_ROWS, FLAT=True, **_NG_FWD_META),
-                              dict(num_warps=_NG_FWD_WARPS)),
-    '_norm_gate_bwd_kernel': (ng._norm_gate_bwd_kernel, _ROWS, dict(ROWS=_NG_BWD_ROWS, WRITE_Y=False, FLAT=True,
-                                                                     **_NG_BWD_META), dict(num_warps=_NG_BWD_WARPS)),
-    '_silu_glu_bwd_kernel': (glu._silu_glu_bwd_kernel, _ROWS, dict(ROWS=glu.BWD_CFG[0], BLOCK_H=glu.BWD_CFG[1]),
-                             dict(num_warps=glu.BWD_CFG[2])),
-    '_layer_norm_bwd_kernel': (nl._layer_norm_bwd_kernel, _ROWS, dict(BLOCK_D=512, ROWS=nl.BWD_CFG[0]),
-                               dict(num_warps=ng._warps(nl.BWD_CFG[1], 512, ng.BWD_CHANNELS_PER_WARP))),
+    'bihgru_fwd_kernel': (bihgru_fwd_kernel, _SCAN, dict(BLOCK_C=_FWD.block_c, UNROLL=GROUP, SUMMARY=False, EVEN=True,
+                                                         AHEAD=_FWD.load_ahead), dict(num_warps=_FWD.num_warps)),
+    'bihgru_bwd_kernel': (bihgru_bwd_kernel, _SCAN, dict(BLOCK_C=_BWD.block_c, UNROLL=GROUP, SUMMARY=False,
+                                                         DZ_IN_DU=True, EVEN=True),
+                          dict(num_warps=_BWD.num_warps, maxnreg=_BWD.max_registers)),
+    'norm_gate_fwd_kernel': (norm_gate_fwd_kernel, _ROWS, dict(ROWS=_NG_FWD_ROWS, FLAT=True, **_NG_FWD_META),
+                             dict(num_warps=_NG_FWD_WARPS)),
+    'norm_gate_bwd_kernel': (norm_gate_bwd_kernel, _ROWS, dict(ROWS=_NG_BWD_ROWS, WRITE_Y=False, FLAT=True,
+                                                               **_NG_BWD_META), dict(num_warps=_NG_BWD_WARPS)),
+    'silu_glu_bwd_kernel': (silu_glu_bwd_kernel, _ROWS, dict(ROWS=GLU_CONFIG.rows, BLOCK_H=GLU_CONFIG.block_h),
+                            dict(num_warps=GLU_CONFIG.num_warps)),
+    'layer_norm_bwd_kernel': (layer_norm_bwd_kernel, _ROWS, dict(BLOCK_D=512, ROWS=LN_CONFIG.rows),
+                              dict(num_warps=row_warps(LN_CONFIG.num_warps, 512, BWD_CHANNELS_PER_WARP))),
 }
 
 
@@ -105,10 +108,12 @@ def describe(counts):
 
 
 def main(names):
+    unknown = [n for n in names if n not in KERNELS]
+    if unknown:
+        raise SystemExit(f'unknown kernel {unknown[0]!r}: one of {", ".join(KERNELS)}')
+    use_sm90_target()
     print('triton', triton.__version__, '- sm_90a, 16-bit configs', flush=True)
     for name in names:
-        if name not in KERNELS:
-            raise SystemExit(f'unknown kernel {name!r}: one of {", ".join(KERNELS)}')
         kernel, types, constexprs, options = KERNELS[name]
         info, instrs = compile_sm90(kernel, types, constexprs, options)
         print(f'{name} {constexprs} {options}: {info}')
@@ -119,4 +124,7 @@ def main(names):
 
 
 if __name__ == '__main__':
+    if {'-h', '--help'} & set(sys.argv[1:]):
+        print(__doc__ + '\nkernels: ' + ', '.join(KERNELS))
+        sys.exit()
     main(sys.argv[1:] or list(KERNELS))

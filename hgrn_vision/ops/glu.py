@@ -11,7 +11,7 @@ gradient. The forward is plain PyTorch (torch.compile fuses the GLU into one ker
     SiLU GLU:  p = silu(a) * b;   da = dp * b * s (1 + a (1 - s)),  db = dp * silu(a),  s = sigmoid(a)
 """
 import math
-from typing import Optional, Tuple
+from typing import NamedTuple, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -22,14 +22,22 @@ from torch.library import wrap_triton
 from torch.utils.flop_counter import register_flop_formula
 
 from .bihgru import default_impl
-from .bihgru.fused import _num_sms, _sigmoid, check_triton_device, kernel_op, linear_param_grads
+from .triton_utils import check_triton_device, kernel_op, linear_param_grads, num_sms, sigmoid
 
 __all__ = ['silu_glu_linear']
 
-# (tokens per tile, channels per program, warps, programs per SM) of the backward kernel. H200, bf16, (65536, 2 x 768)
-# (docs/gpu_logs/run58): 159 us, 3.8 TB/s over the 6 M H elements it must move; 8 to 32 tokens x 64 to 128 channels
-# with 8 to 16 elements a thread all ran 160-180 us, 2.1 to 2.9x faster than without the next tile's loads issued first
-BWD_CFG = (8, 128, 2, 16)
+
+class GluConfig(NamedTuple):
+    """Launch config of the GLU backward: programs own channel blocks of both halves and loop over row tiles."""
+    rows: int  # tokens per tile
+    block_h: int  # channels per program, of each half
+    num_warps: int
+    programs_per_sm: int  # programs launched per SM, over all channel blocks
+
+
+# Tuned on an H200 at (65536, 2 x 768), bf16 (the small model's MLP at 224); re-tune:
+# `python scripts/gpu_block_ops.py tune`. Tiles of 8 to 16 elements a thread all run within a few percent.
+BWD_CONFIG = GluConfig(8, 128, 2, 16)
 
 
 @triton.jit
@@ -49,7 +57,7 @@ def _load_tile(x_ptr, dp_ptr, ox, op, m, H):
 
 
 @triton.jit
-def _silu_glu_bwd_kernel(x_ptr, dp_ptr, dx_ptr, p_ptr, part_ptr, M, H, n_tiles,
+def silu_glu_bwd_kernel(x_ptr, dp_ptr, dx_ptr, p_ptr, part_ptr, M, H, n_tiles,
                          ROWS: tl.constexpr, BLOCK_H: tl.constexpr):
     """Channels [pid0 BLOCK_H, +BLOCK_H) of both halves over row tiles pid1, pid1 + programs, ... of contiguous
     x (M, 2H), dp (M, H); writes dx (M, 2H) and p (M, H), and the program's sums of dx over its rows (fp32).
@@ -67,7 +75,7 @@ def _silu_glu_bwd_kernel(x_ptr, dp_ptr, dx_ptr, p_ptr, part_ptr, M, H, n_tiles,
         nox, nop, nm = _offsets(rows + step, cols, cmask, M, H)  # the next tile (all masked after the last)
         nxt = _load_tile(x_ptr, dp_ptr, nox, nop, nm, H)
         af, bf, dpf = a.to(tl.float32), b.to(tl.float32), dp.to(tl.float32)
-        s = _sigmoid(af)
+        s = sigmoid(af)
         silu = af * s
         da = dpf * bf * s * (1. + af * (1. - s))
         db = dpf * silu
@@ -90,11 +98,11 @@ def silu_glu_bwd(dp: Tensor, x: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
     H = dp.shape[-1]
     M = dp.numel() // max(H, 1)
     dx, p = torch.empty_like(x), torch.empty_like(dp)
-    rows, block_h, warps, programs_per_sm = BWD_CFG
+    rows, block_h, warps, programs_per_sm = BWD_CONFIG
     n_hblocks, n_tiles = triton.cdiv(H, block_h), triton.cdiv(M, rows)
-    n_prog = max(1, min(n_tiles, triton.cdiv(programs_per_sm * _num_sms(x.device), n_hblocks)))
+    n_prog = max(1, min(n_tiles, triton.cdiv(programs_per_sm * num_sms(x.device), n_hblocks)))
     part = torch.empty(n_prog, 2 * H, device=x.device, dtype=torch.float32)
-    wrap_triton(_silu_glu_bwd_kernel)[(n_hblocks, n_prog)](
+    wrap_triton(silu_glu_bwd_kernel)[(n_hblocks, n_prog)](
         x, dp, dx, p, part, M, H, n_tiles, ROWS=rows, BLOCK_H=block_h, num_warps=warps)
     return dx, p, part.sum(0)
 

@@ -21,19 +21,25 @@ from torch.library import wrap_triton
 from torch.utils.flop_counter import register_flop_formula
 
 from .bihgru import default_impl
-from .bihgru.fused import _num_sms, check_triton_device, kernel_op, linear_param_grads
-from .bihgru.norm_gate import BWD_CHANNELS_PER_WARP, _warps
+from .triton_utils import (
+    BWD_CHANNELS_PER_WARP,
+    RowConfig,
+    check_triton_device,
+    kernel_op,
+    linear_param_grads,
+    num_sms,
+    row_warps,
+)
 
 __all__ = ['layer_norm_linear']
 
-# (tokens per tile, warps, programs per SM) of the backward kernel, at least a warp per BWD_CHANNELS_PER_WARP channels:
-# the norm-gate backward's. H200, bf16, (65536, 384) (docs/gpu_logs/run58): 67 us, 3.0 TB/s over the 4 M D elements
-# it moves; the best of 13 configs took 64 us, and issuing the next tile's loads first (as the GLU kernel does) no less
-BWD_CFG = (2, 2, 16)
+# Tuned on an H200 at (65536, 384), bf16 (the small model's norm1 at 224); re-tune:
+# `python scripts/gpu_block_ops.py tune`. Issuing the next tile's loads first (as the GLU kernel does) gained nothing.
+BWD_CONFIG = RowConfig(2, 2, 16)
 
 
 @triton.jit
-def _layer_norm_bwd_kernel(x_ptr, dy_ptr, mean_ptr, rstd_ptr, w_ptr, b_ptr, dx_ptr, y_ptr, part_ptr, M, D, n_tiles,
+def layer_norm_bwd_kernel(x_ptr, dy_ptr, mean_ptr, rstd_ptr, w_ptr, b_ptr, dx_ptr, y_ptr, part_ptr, M, D, n_tiles,
                            BLOCK_D: tl.constexpr, ROWS: tl.constexpr):
     """LayerNorm backward over row tiles pid, pid + programs, ... of contiguous x, dy (M, D) with the forward's mean
     and rstd (M,): writes dx and the forward's output y again, and sums the weight and bias gradients over the
@@ -75,14 +81,14 @@ def layer_norm_bwd(dy: Tensor, x: Tensor, mean: Tensor, rstd: Tensor, weight: Te
     D = x.shape[-1]
     M = x.numel() // max(D, 1)
     dx, y = torch.empty_like(x), torch.empty_like(dy)
-    rows, warps, programs_per_sm = BWD_CFG
+    rows, warps, programs_per_sm = BWD_CONFIG
     block_d = triton.next_power_of_2(D)
     n_tiles = triton.cdiv(M, rows)
-    grid = max(1, min(n_tiles, programs_per_sm * _num_sms(x.device)))
+    grid = max(1, min(n_tiles, programs_per_sm * num_sms(x.device)))
     part = torch.empty(grid, 2, D, device=x.device, dtype=torch.float32)
-    wrap_triton(_layer_norm_bwd_kernel)[(grid,)](
+    wrap_triton(layer_norm_bwd_kernel)[(grid,)](
         x, dy, mean, rstd, weight, bias, dx, y, part, M, D, n_tiles, BLOCK_D=block_d, ROWS=rows,
-        num_warps=_warps(warps, block_d, BWD_CHANNELS_PER_WARP))
+        num_warps=row_warps(warps, block_d, BWD_CHANNELS_PER_WARP))
     dw, db = part.sum(0).unbind(0)
     return dx, y, dw.to(weight.dtype, copy=True), db.to(bias.dtype, copy=True)
 

@@ -18,7 +18,8 @@ output has the dtype of `u`.
 Implementations (`impl=`):
   'reference'  step-by-step loop (`naive.py`): the ground truth, float64-capable, TorchScript-able, slow.
   'torch'      log-depth parallel scan (`parallel.py`): the fast path for the CPU and any device.
-  'triton'     the fused Triton kernel (`fused.py`), forward and backward, for CUDA (CPU under TRITON_INTERPRET=1).
+  'triton'     the fused Triton op (`fused.py`; kernels in `fwd.py`, `fwd_onchip.py`, `bwd.py`), forward and
+               backward, for CUDA (CPU under TRITON_INTERPRET=1).
 `impl=None` picks the best one available for the inputs' device.
 
 `bihgru_scan_norm_gate(x, ...)` is the HGRU mixer between its projections, `LayerNorm(scan(u, z)) * silu(g)` for the

@@ -1,20 +1,20 @@
 """The HGRU mixer between its two projections as one op: `y = LayerNorm(bihgru_scan(u, z)) * silu(g)` for the
-input projection's whole output `x = [u | z | g]` (B, N, 5C).
+input projection's whole output `x = [u | z | g]` (B, N, 5C); with `out_weight` the output projection too.
 
 Why one op: the mixer's backward must hand `in_proj` one (B, N, 5C) gradient `[du | dz | dg]`. With the scan as its
 own op, du and dz come out as separate tensors and torch.compile's graph copies them next to dg into a new buffer
-(with the LayerNorm recomputed for dg beside it: 3.3 ms of a 43 ms training step at 224, docs/performance.md). Here the
-backward allocates that buffer once; a row kernel writes dg into its last 2C columns while computing the LayerNorm
-backward, and the scan's backward kernel writes du and dz into the first 3C. Both kernels also sum what they write
-over the tokens, which is the gradient of in_proj's bias: the mixer adds that bias detached in in_proj and passes it
-here as `in_bias`, so that its gradient comes from these sums instead of another pass over the (B, N, 5C) gradient.
+(with the LayerNorm recomputed for dg beside it). Here the backward allocates that buffer once; a row kernel writes dg
+into its last 2C columns while computing the LayerNorm backward, and the scan's backward kernel writes du and dz into
+the first 3C. Both kernels also sum what they write over the tokens, which is the gradient of in_proj's bias: the
+mixer adds that bias detached in in_proj and passes it here as `in_bias`, so that its gradient comes from these sums
+instead of another pass over the (B, N, 5C) gradient.
 
 Row kernels: a program takes ROWS tokens x all 2C channels (the LayerNorm needs a whole token), in fp32, loads first,
-each token's channels as NP pieces of a power of two P (`_launch_pieces`: 768 = 3 x 256 rather than a 1024-wide tile
-a quarter idle).
-The forward reads h and g, writes y; the backward reads dy, h and g, recomputes the token's mean and rstd from h (no
-stats kept), writes dh and dg, and sums the LayerNorm's weight and bias gradients over its tokens (fp32 partials per
-program, one reduction afterwards). The op keeps h for the backward (2C per token, as the separate ops did).
+each token's channels as NP pieces of a power of two P (`launch_meta`: 768 = 3 x 256 rather than a 1024-wide tile
+a quarter idle). The forward reads h and g, writes y; the backward reads dy, h and g, recomputes the token's mean and
+rstd from h (no stats kept), writes dh and dg, and sums the LayerNorm's weight and bias gradients over its tokens (fp32
+partials per program, one reduction afterwards). The op keeps h for the backward (2C per token, as the separate ops
+did).
 """
 import math
 from typing import Optional, Tuple
@@ -27,23 +27,26 @@ from torch import Tensor
 from torch.library import wrap_triton
 from torch.utils.flop_counter import register_flop_formula
 
-from .fused import _num_sms, _sigmoid, bihgru_bwd, bihgru_fwd, check_triton_device, kernel_op, linear_param_grads
+from ..triton_utils import (
+    BWD_CHANNELS_PER_WARP,
+    FWD_CHANNELS_PER_WARP,
+    RowConfig,
+    check_triton_device,
+    kernel_op,
+    linear_param_grads,
+    num_sms,
+    row_warps,
+    sigmoid,
+)
+from .bwd import bihgru_bwd
+from .fused import bihgru_fwd
 
-# (tokens per tile, warps, programs per SM) of the forward and the backward by a token's width D = 2C (the tiny,
-# small and base models'), whose programs loop over tiles (the forward loading w and b once, the backward summing the
-# weight and bias gradients of its tokens); each takes at least a warp per *_CHANNELS_PER_WARP channels of a token
-# (`_warps`: at 1536, 2 warps forward and 4 backward). From an H200 sweep of these kernels at (256, 256, C), bf16
-# (run67, `scripts/gpu_scan_tune.py normgate_tune`, every config in one run): forward at 384 (2, 2, 16) 38.7 us,
-# (1, 1, 16) 45.2; at 768 and 1536 (1, 1, 16) within 1.5% of the best. The backward runs fastest when its persistent
-# programs make whole waves (6 fit an SM at 768 and 2 warps, 168 registers a thread): at 384 (1, 2, 8) 94.7 us,
-# (1, 2, 16) 100.9; at 768 (1, 2, 12) 151.1, (1, 2, 16) 160.6; at 1536 (1, 2, 12) 292.9, (1, 2, 16) 310.7. Larger
-# tiles per warp spill and ran 1.3x to 20x slower (run42, run64). Against the one config for all widths before
-# ((1, 1, 16) / (1, 2, 16)), side by side (run68): forward 1.18x at 384, backward 1.07x / 1.06x / 1.06x at 384 / 768 /
-# 1536. Another width takes the config of the nearest tuned width above it (`_cfg`).
-FWD_CFG = {384: (2, 2, 16), 768: (1, 1, 16), 1536: (1, 1, 16)}
-BWD_CFG = {384: (1, 2, 8), 768: (1, 2, 12), 1536: (1, 2, 12)}
-FWD_CHANNELS_PER_WARP = 768
-BWD_CHANNELS_PER_WARP = 512
+# The row kernels' configs by a token's width D = 2C (the tiny, small and base models'); another width takes the
+# nearest tuned width at or above it (`_config`). Tuned on an H200 at (256, 256, C), bf16, for C = 192, 384, 768;
+# re-tune: `python scripts/gpu_scan_tune.py normgate_tune`. The backward runs fastest when its persistent programs make
+# whole waves (at 2C = 768 and 2 warps 6 fit an SM); larger tiles per warp spill.
+FWD_CONFIGS = {384: RowConfig(2, 2, 16), 768: RowConfig(1, 1, 16), 1536: RowConfig(1, 1, 16)}
+BWD_CONFIGS = {384: RowConfig(1, 2, 8), 768: RowConfig(1, 2, 12), 1536: RowConfig(1, 2, 12)}
 
 
 @triton.jit
@@ -60,7 +63,7 @@ def _cols(i: tl.constexpr, D, P: tl.constexpr, EVEN: tl.constexpr):
 def _rows(tile, M, N, s_b, s_n, ROWS: tl.constexpr, FLAT: tl.constexpr):
     """Offsets of a tile's tokens r = b N + n (ROWS of them from tile * ROWS) in a (B, N, .) tensor of strides s_b,
     s_n, and their mask (< M). FLAT: s_b = N s_n (or one batch row), so token r sits at r s_n: no 64-bit division
-    a row (-21% of the forward's instructions, -11% of the backward's: scripts/kernel_sass.py)."""
+    a row."""
     rows = tile * ROWS + tl.arange(0, ROWS)
     r = rows.to(tl.int64)
     if FLAT:
@@ -115,7 +118,7 @@ def _stats(h, rmask, D, eps, P: tl.constexpr, NP: tl.constexpr, EVEN: tl.constex
 
 
 @triton.jit
-def _norm_gate_fwd_kernel(h_ptr, x_ptr, w_ptr, b_ptr, y_ptr, M, N, D, s_hb, s_hn, s_xb, s_xn, g_off, eps, n_tiles,
+def norm_gate_fwd_kernel(h_ptr, x_ptr, w_ptr, b_ptr, y_ptr, M, N, D, s_hb, s_hn, s_xb, s_xn, g_off, eps, n_tiles,
                           P: tl.constexpr, NP: tl.constexpr, ROWS: tl.constexpr, FLAT: tl.constexpr,
                           EVEN: tl.constexpr):
     """Tiles pid, pid + programs, ...: w and b loaded once, the next tile's h and g issued before this tile's
@@ -134,7 +137,7 @@ def _norm_gate_fwd_kernel(h_ptr, x_ptr, w_ptr, b_ptr, y_ptr, M, N, D, s_hb, s_hn
         mean, rstd = _stats(h, m, D, eps, P, NP, EVEN)
         for i in tl.static_range(NP):
             xhat = (h[i] - mean[:, None]) * rstd[:, None]
-            y = (xhat * w[i][None, :] + b[i][None, :]) * g[i] * _sigmoid(g[i])
+            y = (xhat * w[i][None, :] + b[i][None, :]) * g[i] * sigmoid(g[i])
             _store(y_ptr, oh, m, i, D, y, P, EVEN)
         h, g, oh, m = nh, ng, noh, nm
 
@@ -145,7 +148,7 @@ def _add2(a0, a1, b0, b1):
 
 
 @triton.jit
-def _norm_gate_bwd_kernel(dy_ptr, h_ptr, x_ptr, w_ptr, b_ptr, dh_ptr, dx_ptr, part_ptr, y_ptr, M, N, D, s_hb, s_hn,
+def norm_gate_bwd_kernel(dy_ptr, h_ptr, x_ptr, w_ptr, b_ptr, dh_ptr, dx_ptr, part_ptr, y_ptr, M, N, D, s_hb, s_hn,
                           s_xb, s_xn, s_dyb, s_dyn, s_dxb, s_dxn, g_off, eps, n_tiles, P: tl.constexpr,
                           NP: tl.constexpr, ROWS: tl.constexpr, WRITE_Y: tl.constexpr, FLAT: tl.constexpr,
                           EVEN: tl.constexpr):
@@ -176,7 +179,7 @@ def _norm_gate_bwd_kernel(dy_ptr, h_ptr, x_ptr, w_ptr, b_ptr, dh_ptr, dx_ptr, pa
         xhats, dxhats, ndw, ndb, ndgs = (), (), (), (), ()
         for i in tl.static_range(NP):
             xhat = (h[i] - mean[:, None]) * rstd[:, None]
-            sg = _sigmoid(g[i])
+            sg = sigmoid(g[i])
             dn = dy[i] * g[i] * sg  # gradient of the normalized, scaled and shifted h
             yn = xhat * w[i][None, :] + b[i][None, :]
             dg = dy[i] * yn * sg * (1. + g[i] * (1. - sg))
@@ -210,25 +213,22 @@ def _launch_pieces(D: int) -> dict:
     return dict(P=P, NP=NP, EVEN=P * NP == D)
 
 
-def _cfg(cfgs: dict, D: int) -> Tuple[int, int, int]:
-    """A kernel's (tokens per tile, warps, programs per SM) for tokens of D channels from `cfgs`, a dict of them by
-    width (FWD_CFG, BWD_CFG): D takes the nearest width at or above it, else the widest (so a one-entry dict, as the
-    sweeps and tests set, holds for every width)."""
-    return cfgs[min((w for w in cfgs if w >= D), default=max(cfgs))]
+def _config(configs: dict, D: int) -> RowConfig:
+    """A row kernel's config for tokens of D channels from `configs` (FWD_CONFIGS, BWD_CONFIGS): D takes the nearest
+    width at or above it, else the widest (so a one-entry table holds for every width)."""
+    return configs[min((w for w in configs if w >= D), default=max(configs))]
 
 
-def _launch(cfgs: dict, D: int, channels_per_warp: int) -> Tuple[int, int, dict]:
-    """Tokens per tile, programs per SM and the kernel's launch meta (num_warps, pieces) for tokens of D channels:
-    the config from `cfgs` (`_cfg`), its warps raised for wide tokens (`_warps`), the pieces from `_launch_pieces`."""
-    rows, warps, programs_per_sm = _cfg(cfgs, D)
+def launch_meta(D: int, backward: bool) -> Tuple[int, int, dict]:
+    """Tokens per tile, programs per SM and the launch meta (num_warps, pieces) of the forward or backward row kernel
+    for tokens of D channels: the config from FWD_CONFIGS / BWD_CONFIGS (`_config`), its warps raised for wide tokens
+    (`row_warps`), the pieces from `_launch_pieces`."""
+    configs, channels_per_warp = (BWD_CONFIGS, BWD_CHANNELS_PER_WARP) if backward else \
+        (FWD_CONFIGS, FWD_CHANNELS_PER_WARP)
+    cfg = _config(configs, D)
     pieces = _launch_pieces(D)
-    return rows, programs_per_sm, dict(num_warps=_warps(warps, pieces['P'] * pieces['NP'], channels_per_warp), **pieces)
-
-
-def _warps(warps: int, width: int, channels_per_warp: int) -> int:
-    """A row kernel config's warps, raised to a power of two with at least one warp per `channels_per_warp` of a
-    token's `width` channels as its tile holds them (padded), so that wide tokens do not spill."""
-    return max(warps, triton.next_power_of_2(triton.cdiv(width, channels_per_warp)))
+    num_warps = row_warps(cfg.num_warps, pieces['P'] * pieces['NP'], channels_per_warp)
+    return cfg.rows, cfg.programs_per_sm, dict(num_warps=num_warps, **pieces)
 
 
 def _flat(N: int, *tensors: torch.Tensor) -> bool:
@@ -241,10 +241,10 @@ def norm_gate_fwd(h, x, weight, bias, eps):
     """`LayerNorm(h) * silu(g)` of h (B, N, 2C) and g = x[..., 3C:] (x (B, N, 5C)), in the dtype of h."""
     B, N, D = h.shape
     y = torch.empty_like(h)
-    rows, programs_per_sm, meta = _launch(FWD_CFG, D, FWD_CHANNELS_PER_WARP)
+    rows, programs_per_sm, meta = launch_meta(D, backward=False)
     n_tiles = triton.cdiv(B * N, rows)
-    grid = max(1, min(n_tiles, programs_per_sm * _num_sms(h.device)))
-    wrap_triton(_norm_gate_fwd_kernel)[(grid,)](
+    grid = max(1, min(n_tiles, programs_per_sm * num_sms(h.device)))
+    wrap_triton(norm_gate_fwd_kernel)[(grid,)](
         h, x, weight, bias, y, B * N, N, D, h.stride(0), h.stride(1), x.stride(0), x.stride(1), x.shape[-1] - D,
         eps, n_tiles, ROWS=rows, FLAT=_flat(N, h, x), **meta)
     return y
@@ -256,11 +256,11 @@ def norm_gate_bwd(dy, h, x, weight, bias, eps, dx, y=None):
     dy = dy if dy.stride(-1) == 1 else dy.contiguous()
     B, N, D = h.shape
     dh = torch.empty_like(h)
-    rows, programs_per_sm, meta = _launch(BWD_CFG, D, BWD_CHANNELS_PER_WARP)
+    rows, programs_per_sm, meta = launch_meta(D, backward=True)
     n_tiles = triton.cdiv(B * N, rows)
-    grid = min(n_tiles, programs_per_sm * _num_sms(h.device))
+    grid = min(n_tiles, programs_per_sm * num_sms(h.device))
     part = torch.empty(grid, 3, D, device=h.device, dtype=torch.float32)
-    wrap_triton(_norm_gate_bwd_kernel)[(grid,)](
+    wrap_triton(norm_gate_bwd_kernel)[(grid,)](
         dy, h, x, weight, bias, dh, dx, part, y, B * N, N, D, h.stride(0), h.stride(1), x.stride(0), x.stride(1),
         dy.stride(0), dy.stride(1), dx.stride(0), dx.stride(1), x.shape[-1] - D, eps, n_tiles,
         ROWS=rows, WRITE_Y=y is not None, FLAT=_flat(N, h, x, dy, dx), **meta)

@@ -1,14 +1,12 @@
-"""The scan op: reference against a naive complex loop, the 'torch' path against the reference."""
+"""The scan op's PyTorch paths: the reference against a naive complex loop, the 'torch' path against both; the
+dispatch and its input checks."""
 import cmath
 import math
 
 import pytest
 import torch
 
-from hgrn_vision.ops import bihgru_scan, bihgru_scan_parallel, bihgru_scan_reference
-from hgrn_vision.ops.bihgru.parallel import _linear_scan
-
-from scan_inputs import make_scan_inputs, rel_err
+from hgrn_vision.ops import available_impls, bihgru_scan, bihgru_scan_parallel, bihgru_scan_reference, default_impl
 
 
 def naive_directions(u, z, gamma, theta_f, theta_r):
@@ -33,37 +31,30 @@ def naive_directions(u, z, gamma, theta_f, theta_r):
     return hf, hr
 
 
-def _to_tensor(h):
-    t = torch.tensor(h, dtype=torch.complex128)
-    return t
+def naive_output(u, z, gamma, theta_f, theta_r):
+    """`[Re h | Im h]` of h = hf + hr from `naive_directions`, float64."""
+    hf, hr = naive_directions(u, z, gamma, theta_f, theta_r)
+    h = torch.tensor(hf, dtype=torch.complex128) + torch.tensor(hr, dtype=torch.complex128)
+    return torch.cat([h.real, h.imag], -1)
 
 
 @pytest.mark.parametrize('B,N,C', [(1, 1, 1), (2, 7, 3), (1, 19, 5)])
-def test_reference_matches_naive_loop(B, N, C):
-    u, z, gamma, tf, tr = make_scan_inputs(B, N, C)
-    hf, hr = naive_directions(u, z, gamma, tf, tr)
-    h = _to_tensor(hf) + _to_tensor(hr)
-    out = bihgru_scan_reference(u, z, gamma, tf, tr)
+def test_reference_matches_naive_loop(B, N, C, make_scan_inputs):
+    inputs = make_scan_inputs(B, N, C)
+    out = bihgru_scan_reference(*inputs)
     assert out.dtype == torch.float64 and out.shape == (B, N, 2 * C)
-    torch.testing.assert_close(out, torch.cat([h.real, h.imag], -1), rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(out, naive_output(*inputs), rtol=1e-12, atol=1e-12)
 
 
 @pytest.mark.parametrize('N', [1, 2, 5, 16, 37])
-def test_parallel_scan_each_direction_matches_naive_loop(N):
-    B, C = 2, 3
-    u, z, gamma, tf, tr = make_scan_inputs(B, N, C, seed=N)
-    hf, hr = naive_directions(u, z, gamma, tf, tr)
-    c = torch.nn.functional.silu(u)
-    lam = gamma + (1 - gamma) * torch.sigmoid(z)
-    v = torch.complex(c[..., 0::2], c[..., 1::2]) * (1 - lam)
-    a_f = lam * torch.exp(1j * tf)
-    a_r = lam * torch.exp(1j * tr)
-    torch.testing.assert_close(_linear_scan(a_f, v, reverse=False), _to_tensor(hf), rtol=1e-12, atol=1e-12)
-    torch.testing.assert_close(_linear_scan(a_r, v, reverse=True), _to_tensor(hr), rtol=1e-12, atol=1e-12)
+def test_parallel_scan_matches_naive_loop(N, make_scan_inputs):
+    """Lengths around the parallel scan's doubling steps (powers of two and between)."""
+    inputs = make_scan_inputs(2, N, 3, seed=N)
+    torch.testing.assert_close(bihgru_scan_parallel(*inputs), naive_output(*inputs), rtol=1e-12, atol=1e-12)
 
 
 @pytest.mark.parametrize('B,N,C', [(1, 1, 4), (2, 37, 5), (3, 64, 130), (1, 300, 8)])
-def test_torch_matches_reference_with_grads(B, N, C):
+def test_torch_matches_reference_with_grads(B, N, C, make_scan_inputs, rel_err):
     f32_in = make_scan_inputs(B, N, C, dtype=torch.float32, seed=B * N + C, requires_grad=True)
     ref_in = [t.detach().double().requires_grad_(True) for t in f32_in]  # the same (rounded) inputs in float64
     ref = bihgru_scan_reference(*ref_in)
@@ -78,19 +69,19 @@ def test_torch_matches_reference_with_grads(B, N, C):
         assert rel_err(g, r) < 1e-5, name
 
 
-def test_reference_gradcheck():
+def test_reference_gradcheck(make_scan_inputs):
     inputs = make_scan_inputs(1, 6, 2, requires_grad=True)
     assert torch.autograd.gradcheck(bihgru_scan_reference, inputs)
 
 
-def test_reference_is_scriptable():
+def test_reference_is_scriptable(make_scan_inputs):
     scripted = torch.jit.script(bihgru_scan_reference)
     inputs = make_scan_inputs(2, 9, 3)
     torch.testing.assert_close(scripted(*inputs), bihgru_scan_reference(*inputs))
 
 
 @pytest.mark.parametrize('dtype', [torch.bfloat16, torch.float16, torch.float32])
-def test_dispatch_keeps_dtype(dtype):
+def test_dispatch_keeps_dtype(dtype, make_scan_inputs, rel_err):
     inputs = make_scan_inputs(2, 10, 4, dtype=dtype)
     for impl in ('reference', 'torch', None):
         out = bihgru_scan(*inputs, impl=impl)
@@ -103,7 +94,6 @@ def test_default_impl_keeps_float64_exact():
     (1e-7 off the reference in the interpreter, where the PyTorch scan is exact to 1e-16); 'torch' off CUDA."""
     from types import SimpleNamespace
 
-    from hgrn_vision.ops import available_impls, default_impl
     on_cuda = 'triton' if 'triton' in available_impls() else 'torch'
     assert default_impl(SimpleNamespace(is_cuda=True, dtype=torch.float32)) == on_cuda
     assert default_impl(SimpleNamespace(is_cuda=True, dtype=torch.bfloat16)) == on_cuda
@@ -111,7 +101,12 @@ def test_default_impl_keeps_float64_exact():
     assert default_impl(torch.zeros(1)) == 'torch'
 
 
-def test_noncontiguous_inputs():
+def test_impls():
+    """The op's implementations; 'triton' where Triton is installed."""
+    assert available_impls() in (('reference', 'torch'), ('reference', 'torch', 'triton'))
+
+
+def test_noncontiguous_inputs(make_scan_inputs):
     u, z, gamma, tf, tr = make_scan_inputs(3, 11, 6, dtype=torch.float32)
     # views into a larger fused projection, as the mixer passes them
     fused = torch.cat([u, z, torch.randn(3, 11, 12)], -1)
@@ -121,12 +116,12 @@ def test_noncontiguous_inputs():
                                bihgru_scan(u, z, gamma, tf, tr, impl='reference'), rtol=1e-5, atol=1e-5)
 
 
-def test_meta_device():
+def test_meta_device(make_scan_inputs):
     inputs = make_scan_inputs(2, 10, 4, dtype=torch.float32, device='meta')
     assert bihgru_scan(*inputs).shape == (2, 10, 8)
 
 
-def test_bad_inputs():
+def test_bad_inputs(make_scan_inputs):
     u, z, gamma, tf, tr = make_scan_inputs(2, 5, 4, dtype=torch.float32)
     with pytest.raises(ValueError, match=r'u of shape \(B, N, 2C\)'):
         bihgru_scan(u[..., :-1], z, gamma, tf, tr)
