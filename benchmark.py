@@ -5,6 +5,7 @@
     python benchmark.py scan --check
     python benchmark.py models --device cpu --models hgrn_deit_tiny deit_tiny_patch16_224 --model-kwargs depth=2
     python benchmark.py profile --models hgrn_deit_small deit_small_patch16_224
+    python benchmark.py onnx --models hgrn_deit_tiny hgrn_deit_small --threads 2 --flush-denormal
 
 Two trees of this package side by side (before and after a change, alternated in one run on one machine):
 `PYTHONPATH=. python scripts/compare_trees.py BEFORE_TREE AFTER_TREE -- <benchmark.py models arguments>`.
@@ -17,7 +18,7 @@ import torch
 from timm.utils import ParseKwargs
 
 import hgrn_vision  # noqa: F401  (registers the hgrn_deit entries with timm)
-from hgrn_vision.benchmark import benchmark_models, benchmark_scan, parse_dtype, profile_models
+from hgrn_vision.benchmark import benchmark_models, benchmark_onnx, benchmark_scan, parse_dtype, profile_models
 from hgrn_vision.benchmark.models import COMPILE_SETTINGS, check_compile_settings, reference_models
 from hgrn_vision.benchmark.scan import scan_impls
 
@@ -30,9 +31,25 @@ def _shape(text: str) -> Tuple[int, int, int]:
     return B, N, C
 
 
+def _size(text: str) -> Tuple[int, int]:
+    try:
+        h, w = (int(v) for v in text.lower().split('x'))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f'image size {text!r} is not HxW, e.g. 2048x2048')
+    return h, w
+
+
+def _add_cpu(p: argparse.ArgumentParser) -> None:
+    p.add_argument('--threads', type=int, default=None, help="CPU threads (torch.set_num_threads; default: torch's)")
+    p.add_argument('--flush-denormal', action='store_true',
+                   help='denormal floats as zero on the CPU, as train.py sets there (the gates multiply down to '
+                        'denormals, which slow some CPUs)')
+
+
 def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu',
                    help='cuda, cuda:N or cpu (cpu: tiny defaults, eager only, few iterations)')
+    _add_cpu(p)
     p.add_argument('--warmup', type=int, default=None, help='untimed calls before timing')
     p.add_argument('--min-iters', type=int, default=None, help='timed calls at least')
     p.add_argument('--max-iters', type=int, default=None, help='timed calls at most')
@@ -99,6 +116,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu')
     p.add_argument('--output-dir', default='output/benchmark', help='where the CSV / JSON go')
     p.add_argument('--name', default=None, help='file name stem (default: the subcommand)')
+    _add_cpu(p)
+
+    p = sub.add_parser('onnx', help='onnxruntime against PyTorch on the CPU: images/s side by side, and the logits at '
+                                    'other image sizes')
+    p.add_argument('--models', nargs='+', default=['hgrn_deit_tiny', 'hgrn_deit_small'])
+    p.add_argument('--model-kwargs', nargs='*', default={}, action=ParseKwargs,
+                   help='key=value passed to every timm.create_model, e.g. depth=2')
+    p.add_argument('--res', type=int, default=224, help='image size of the timed batches and of the export')
+    p.add_argument('--batch-sizes', nargs='+', type=int, default=[1, 16])
+    p.add_argument('--check-sizes', nargs='*', type=_size, default=[(2048, 2048)],
+                   help='further image sizes HxW at which the logits are compared (default 2048x2048)')
+    p.add_argument('--rounds', type=int, default=3, help='alternated rounds of PyTorch and onnxruntime (best kept)')
+    p.add_argument('--max-time', type=float, default=2.0, help='seconds per timing (past 3 calls)')
+    p.add_argument('--output-dir', default='output/benchmark', help='where the CSV / JSON go')
+    p.add_argument('--name', default=None, help='file name stem (default: the subcommand)')
+    _add_cpu(p)
     return parser
 
 
@@ -112,6 +145,14 @@ def main(argv: Optional[List[str]] = None) -> dict:
         except ValueError as e:
             parser.error(str(e))
     name = args.name or args.command
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.flush_denormal:
+        torch.set_flush_denormal(True)
+    if args.command == 'onnx':
+        return benchmark_onnx(args.models, model_kwargs=args.model_kwargs, res=args.res, batch_sizes=args.batch_sizes,
+                              check_sizes=args.check_sizes, rounds=args.rounds, max_time=args.max_time,
+                              output_dir=args.output_dir, name=name)
     if args.command == 'models':
         return benchmark_models(
             args.models,

@@ -1,7 +1,7 @@
 """Export a `train.py` checkpoint (or a bare state dict) the timm way: Hugging Face Hub layout, model card, ONNX.
 
     python -m hgrn_vision.export output/train/RUN/model_best.pth.tar exported/hgrn_deit_small --ema
-    python -m hgrn_vision.export RUN/last.pth.tar exported/run --onnx --onnx-max-size 1024
+    python -m hgrn_vision.export RUN/last.pth.tar exported/run --onnx
     python -m hgrn_vision.export weights.pth exported/w --model hgrn_deit_tiny --model-kwargs depth=6 --num-classes 10
     python -m hgrn_vision.export RUN/last.pth.tar exported/run --push-to-hub USER/hgrn-deit-tiny-run
 
@@ -14,14 +14,13 @@ from the checkpoint's saved args and the top-1 from the run's `summary.csv`. Loa
     model = timm.create_model('local-dir:exported/run', pretrained=True)
 
 `--onnx` also writes `model.onnx` (the PyTorch scan path through `torch.onnx.export(dynamo=True)`, dynamic batch,
-height and width), checked against PyTorch with onnxruntime. `--push-to-hub` uploads through timm's `push_to_hf_hub`
-(needs network and a Hugging Face token; untested offline).
+height and width: one graph for any number of tokens), checked against PyTorch with onnxruntime. `--push-to-hub`
+uploads through timm's `push_to_hf_hub` (needs network and a Hugging Face token; untested offline).
 """
 import argparse
 import copy
 import csv
 import logging
-import math
 import os
 import shutil
 from typing import Any, Dict, List, Optional, Sequence, Tuple
@@ -85,9 +84,6 @@ def export_parser() -> argparse.ArgumentParser:
     group.add_argument('--onnx', action='store_true',
                        help=f'also write {ONNX_FILE} (dynamic batch, height and width; PyTorch scan path), checked '
                             f'against PyTorch with onnxruntime (max |difference| < {ONNX_ATOL:g})')
-    group.add_argument('--onnx-max-size', type=int, default=1024, metavar='PX',
-                       help='the ONNX scan is unrolled for up to as many tokens as a PX x PX image has: exact for '
-                            'every input with at most that many, NaN logits for larger ones (default: %(default)s)')
     group = parser.add_argument_group('Hugging Face Hub')
     group.add_argument('--push-to-hub', default=None, metavar='REPO_ID',
                        help='also upload the model (config.json, model.safetensors, README.md if the repo has '
@@ -225,7 +221,7 @@ def model_card(
         model_args: Dict[str, Any],
         info: Dict[str, Any],
         model_id: str,
-        onnx_max_size: Optional[int] = None,
+        onnx: bool = False,
 ) -> Dict[str, Any]:
     """timm's model card dict (for `generate_readme` / `push_to_hf_hub`): architecture, params, recipe, top-1."""
     cfg = model.pretrained_cfg
@@ -248,9 +244,8 @@ def model_card(
         details['Papers'] = [f'{cfg.get("paper_name", "")}: https://arxiv.org/abs/{cfg["paper_ids"].split(":")[-1]}']
     if cfg.get('origin_url'):
         details['Original'] = cfg['origin_url']
-    if onnx_max_size:
-        details['ONNX'] = (f'{ONNX_FILE}: dynamic batch, height and width, exact up to {onnx_max_size} x '
-                           f"{onnx_max_size} pixels' worth of tokens (NaN logits beyond)")
+    if onnx:
+        details['ONNX'] = f'{ONNX_FILE}: dynamic batch, height and width (any image size)'
     usage = (
         '```python\nimport timm\nimport hgrn_vision  # registers the HGRN-DeiT models with timm\n\n'
         f"model = timm.create_model('{model_id}', pretrained=True).eval()\n"
@@ -265,32 +260,11 @@ def model_card(
     return card
 
 
-class _OnnxHgrnDeit(nn.Module):
-    """An HgrnDeit on the PyTorch parallel scan, for `torch.onnx.export`; NaN logits beyond `max_tokens`.
-
-    The parallel scan (`ops/bihgru/parallel.py`) runs ceil(log2(N)) doubling steps for N tokens, a Python loop that
-    the exporter unrolls for the traced N. A step whose offset reaches past the sequence is a no-op, so the graph is
-    exact for every N up to the traced one and misses steps beyond it: those inputs get NaN instead of wrong logits.
-    """
-
-    def __init__(self, model: HgrnDeit, max_tokens: int):
-        super().__init__()
-        self.model = copy.deepcopy(model)
-        for m in self.model.modules():
-            if isinstance(m, HgruMixer):
-                m.scan_impl = 'torch'  # the Triton op cannot be exported
-        self.max_tokens = max_tokens
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        ph, pw = self.model.patch_embed.patch_size
-        tokens = ((x.shape[2] + ph - 1) // ph) * ((x.shape[3] + pw - 1) // pw)
-        return torch.where(torch.scalar_tensor(tokens) > self.max_tokens, float('nan'), self.model(x))
-
-
-def export_onnx(model: nn.Module, path: str, max_size: int) -> Dict[Tuple[int, ...], float]:
-    """Write `model` (an HgrnDeit) to `path` as ONNX with dynamic batch, height and width, exact for inputs of up to
-    as many tokens as a `max_size` square image; check it against PyTorch with onnxruntime on a batch of 2 at the
-    model's input size and at a second size. Returns the max |difference| per input shape."""
+def export_onnx(model: nn.Module, path: str) -> Dict[Tuple[int, ...], float]:
+    """Write `model` (an HgrnDeit) to `path` as ONNX with dynamic batch, height and width, on the PyTorch scan path
+    (`bihgru_scan_chunked`: its chunks' carries an ONNX Scan, so that the graph holds for any number of tokens); check
+    it against PyTorch with onnxruntime on a batch of 2 at the model's input size, a smaller one and a larger one.
+    Returns the max |difference| per input shape."""
     if not isinstance(model, HgrnDeit):
         raise UserError(f'--onnx exports HGRN-DeiT models, not {type(model).__name__}.')
     try:
@@ -299,15 +273,15 @@ def export_onnx(model: nn.Module, path: str, max_size: int) -> Dict[Tuple[int, .
     except ImportError as e:
         raise UserError(f'--onnx needs onnxruntime and onnxscript ({e}): pip install onnxruntime onnxscript') from None
     c, h, w = model.pretrained_cfg['input_size']
-    if max_size < max(h, w):
-        raise UserError(f"--onnx-max-size {max_size} is smaller than the model's input size {h} x {w}.")
-    ph, pw = model.patch_embed.patch_size
-    onnx_model = _OnnxHgrnDeit(model, math.ceil(max_size / ph) * math.ceil(max_size / pw)).eval()
+    onnx_model = copy.deepcopy(model).eval()
+    for m in onnx_model.modules():
+        if isinstance(m, HgruMixer):
+            m.scan_impl = 'torch'  # the Triton op cannot be exported
     for name in ('onnx_ir', 'onnxscript'):  # their graph passes log each step at INFO
         logging.getLogger(name).setLevel(logging.WARNING)
     auto = torch.export.Dim.AUTO  # height and width: the exporter keeps them symbolic
     program = torch.onnx.export(
-        onnx_model, (torch.randn(2, c, max_size, max_size),), dynamo=True, optimize=False,
+        onnx_model, (torch.randn(2, c, h, w),), dynamo=True, optimize=False,
         dynamic_shapes=({0: torch.export.Dim('batch'), 2: auto, 3: auto},), input_names=['input0'],
         output_names=['output0'], verbose=False)
     for node in program.model.graph:  # each node's stack trace (local paths): two thirds of the file
@@ -319,7 +293,8 @@ def export_onnx(model: nn.Module, path: str, max_size: int) -> Dict[Tuple[int, .
 
     session = onnxruntime.InferenceSession(path, providers=['CPUExecutionProvider'])
     diffs = {}
-    for shape in ((2, c, h, w), (2, c, h // 2 + 1, w - w // 4 + 1)):  # the second smaller, not in whole patches
+    # the input size; smaller and larger ones, not in whole patches
+    for shape in ((2, c, h, w), (2, c, h // 2 + 1, w - w // 4 + 1), (2, c, 2 * h - 3, w + w // 2 + 5)):
         x = torch.randn(shape)
         with torch.inference_mode():
             ref = model(x)
@@ -362,7 +337,7 @@ def export(args: argparse.Namespace) -> Dict[str, Any]:
     model, model_args, info = load_export_model(
         args.checkpoint, use_ema=args.ema, **{k: getattr(args, k) for k in _MODEL_FLAGS})
     model_id = f'hf-hub:{args.push_to_hub}' if args.push_to_hub else f'local-dir:{args.output_dir}'
-    card = model_card(model, model_args, info, model_id, args.onnx_max_size if args.onnx else None)
+    card = model_card(model, model_args, info, model_id, args.onnx)
 
     tmp = f'{output_dir}.partial-{os.getpid()}'
     shutil.rmtree(tmp, ignore_errors=True)
@@ -373,7 +348,7 @@ def export(args: argparse.Namespace) -> Dict[str, Any]:
         with open(os.path.join(tmp, 'README.md'), 'w', encoding='utf-8') as f:
             f.write(generate_readme(card, os.path.basename(output_dir)))
         if args.onnx:
-            result['onnx_max_diff'] = export_onnx(model, os.path.join(tmp, ONNX_FILE), args.onnx_max_size)
+            result['onnx_max_diff'] = export_onnx(model, os.path.join(tmp, ONNX_FILE))
         result['files'] = _move_into(tmp, output_dir, stale=() if args.onnx else (ONNX_FILE,))
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -1,5 +1,5 @@
-"""Benchmarks behind `benchmark.py`: whole models side by side (`models`), the scan kernels (`scan`) and where a
-model's step spends its time (`profile`)."""
+"""Benchmarks behind `benchmark.py`: whole models side by side (`models`), the scan kernels (`scan`), where a model's
+step spends its time (`profile`) and the ONNX export against PyTorch on the CPU (`onnx`)."""
 from .models import (
     SCAN_BWD_OPS,
     SCAN_FWD_OPS,
@@ -10,6 +10,7 @@ from .models import (
     create_benchmark_model,
     train_step,
 )
+from .onnx import benchmark_onnx
 from .profile import CATEGORIES, categorize, profile_models
 from .scan import (
     BWD_ELEMS,

@@ -5,6 +5,7 @@ import json
 import os
 import platform
 import statistics
+import subprocess
 import sys
 import time
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
@@ -184,17 +185,39 @@ def release_memory(device: torch.device) -> None:
         torch.cuda.empty_cache()
 
 
+def _cpu_name() -> str:
+    """The CPU's model name (Linux's /proc/cpuinfo, else `platform.processor()`) and its core count."""
+    name = platform.processor()
+    try:
+        with open('/proc/cpuinfo') as f:
+            name = next((line.split(':', 1)[1].strip() for line in f if line.startswith('model name')), name)
+    except OSError:
+        pass
+    return f'{name or "cpu"}, {os.cpu_count()} cores'
+
+
+def _commit() -> Optional[str]:
+    """The git commit of the tree this package runs from, '-dirty' with uncommitted changes; None outside git."""
+    try:
+        out = subprocess.run(['git', 'describe', '--always', '--dirty', '--abbrev=12'], capture_output=True,
+                             text=True, cwd=os.path.dirname(os.path.abspath(__file__)), timeout=10)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return (out.stdout.strip() or None) if out.returncode == 0 else None
+
+
 def environment(device: torch.device) -> Dict[str, Any]:
     """Device name and library versions, stored beside every result."""
     import timm
     env = {
-        'device': torch.cuda.get_device_name(device) if device.type == 'cuda' else (platform.processor() or 'cpu'),
+        'device': torch.cuda.get_device_name(device) if device.type == 'cuda' else _cpu_name(),
         'device_type': device.type,
         'torch': torch.__version__,
         'timm': timm.__version__,
         'python': platform.python_version(),
         'cuda': torch.version.cuda,
         'command': ' '.join(sys.argv),
+        'commit': _commit(),
         'date': time.strftime('%Y-%m-%d %H:%M:%S'),
     }
     try:

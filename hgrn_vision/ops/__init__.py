@@ -3,8 +3,8 @@ the SiLU GLU with the projection after it."""
 from .bihgru import (
     available_impls,
     bihgru_scan,
+    bihgru_scan_chunked,
     bihgru_scan_norm_gate,
-    bihgru_scan_parallel,
     bihgru_scan_reference,
     default_impl,
 )

@@ -49,7 +49,7 @@ def test_scan_failing_impl_is_a_row(tmp_path, monkeypatch):
         raise ValueError('needs CUDA tensors')
 
     def forward_only(*args):
-        return bihgru.bihgru_scan_parallel(*args).detach()
+        return bihgru.bihgru_scan_chunked(*args).detach()
 
     monkeypatch.setitem(impls, '_broken', broken)
     monkeypatch.setitem(impls, '_forward_only', forward_only)

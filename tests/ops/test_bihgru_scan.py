@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 
-from hgrn_vision.ops import available_impls, bihgru_scan, bihgru_scan_parallel, bihgru_scan_reference, default_impl
+from hgrn_vision.ops import available_impls, bihgru_scan, bihgru_scan_chunked, bihgru_scan_reference, default_impl
 
 
 def naive_directions(u, z, gamma, theta_f, theta_r):
@@ -46,11 +46,33 @@ def test_reference_matches_naive_loop(B, N, C, make_scan_inputs):
     torch.testing.assert_close(out, naive_output(*inputs), rtol=1e-12, atol=1e-12)
 
 
-@pytest.mark.parametrize('N', [1, 2, 5, 16, 37])
-def test_parallel_scan_matches_naive_loop(N, make_scan_inputs):
-    """Lengths around the parallel scan's doubling steps (powers of two and between)."""
+@pytest.mark.parametrize('N', [1, 2, 5, 16, 37, 50])
+def test_chunked_scan_matches_naive_loop(N, make_scan_inputs):
+    """Lengths around the chunks (whole chunks, a padded last chunk, one chunk)."""
     inputs = make_scan_inputs(2, N, 3, seed=N)
-    torch.testing.assert_close(bihgru_scan_parallel(*inputs), naive_output(*inputs), rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(bihgru_scan_chunked(*inputs), naive_output(*inputs), rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize('N', [1, 3, 10, 17])
+def test_chunked_scan_gradcheck(N, make_scan_inputs):
+    """The hand-written backward (the adjoint scan) against finite differences, float64."""
+    inputs = make_scan_inputs(2, N, 3, seed=N, requires_grad=True)
+    assert torch.autograd.gradcheck(bihgru_scan_chunked, inputs)
+
+
+def test_chunked_scan_extreme_gates(make_scan_inputs):
+    """gamma up to 0.9999 (gates near 1, long memory) and gates near 0: exact forward and backward, no NaN."""
+    u, z, gamma, tf, tr = make_scan_inputs(2, 41, 4, seed=3)
+    gamma = torch.tensor([0.9999, 0.999, 0., 0.], dtype=torch.float64)
+    z = z.clone()
+    z[..., 2:] = -60.  # lam = sigmoid(-60) ~ 1e-26
+    inputs = [t.requires_grad_(True) for t in (u, z, gamma, tf, tr)]
+    out, ref = bihgru_scan_chunked(*inputs), bihgru_scan_reference(*inputs)
+    torch.testing.assert_close(out, ref, rtol=1e-12, atol=1e-12)
+    dout = torch.randn_like(ref)
+    for g, r in zip(torch.autograd.grad(out, inputs, dout), torch.autograd.grad(ref, inputs, dout)):
+        assert torch.isfinite(g).all()
+        torch.testing.assert_close(g, r, rtol=1e-10, atol=1e-10)
 
 
 @pytest.mark.parametrize('B,N,C', [(1, 1, 4), (2, 37, 5), (3, 64, 130), (1, 300, 8)])
@@ -58,7 +80,7 @@ def test_torch_matches_reference_with_grads(B, N, C, make_scan_inputs, rel_err):
     f32_in = make_scan_inputs(B, N, C, dtype=torch.float32, seed=B * N + C, requires_grad=True)
     ref_in = [t.detach().double().requires_grad_(True) for t in f32_in]  # the same (rounded) inputs in float64
     ref = bihgru_scan_reference(*ref_in)
-    out = bihgru_scan_parallel(*f32_in)
+    out = bihgru_scan_chunked(*f32_in)
     assert out.dtype == torch.float32
     assert rel_err(out, ref) < 1e-5
     dout = torch.randn_like(ref)

@@ -17,7 +17,7 @@ output has the dtype of `u`.
 
 Implementations (`impl=`):
   'reference'  step-by-step loop (`naive.py`): the ground truth, float64-capable, TorchScript-able, slow.
-  'torch'      log-depth parallel scan (`parallel.py`): the fast path for the CPU and any device.
+  'torch'      chunked scan (`chunked.py`): the fast path for the CPU and any device, and the one ONNX exports.
   'triton'     the fused Triton op (`fused.py`; kernels in `fwd.py`, `fwd_onchip.py`, `bwd.py`), forward and
                backward, for CUDA (CPU under TRITON_INTERPRET=1).
 `impl=None` picks the best one available for the inputs' device.
@@ -32,15 +32,15 @@ import torch
 import torch.nn.functional as F
 from timm.layers import register_notrace_function
 
+from .chunked import bihgru_scan_chunked
 from .naive import bihgru_scan_reference
-from .parallel import bihgru_scan_parallel
 
-__all__ = ['bihgru_scan', 'bihgru_scan_norm_gate', 'bihgru_scan_reference', 'bihgru_scan_parallel', 'available_impls',
+__all__ = ['bihgru_scan', 'bihgru_scan_norm_gate', 'bihgru_scan_reference', 'bihgru_scan_chunked', 'available_impls',
            'default_impl']
 
 _IMPLS: Dict[str, Callable[..., torch.Tensor]] = {
     'reference': bihgru_scan_reference,
-    'torch': bihgru_scan_parallel,
+    'torch': bihgru_scan_chunked,
 }
 try:  # triton is absent on some platforms (macOS, Windows): the PyTorch paths still work there
     from .fused import bihgru_scan_triton
