@@ -101,7 +101,8 @@ def time_fn(
     `triton.testing.do_bench` does. With `cuda_graph` the call is captured once in a CUDA graph and its replays
     are timed: the GPU time of its kernels, without the host's launch path (which the plain calls include whenever
     the host is slower than the kernels). On the CPU the wall clock after each call. Stops after `max_iters` calls,
-    or once `max_time` seconds have passed and at least `min_iters` calls were timed.
+    or once `max_time` seconds have passed and at least `min_iters` calls were timed (`min_iters` wins over a
+    smaller `max_iters`).
     """
     for _ in range(warmup):
         fn()
@@ -121,7 +122,7 @@ def time_fn(
     events = []
     times = []
     t_start = time.perf_counter()
-    for i in range(max_iters):
+    for i in range(max(max_iters, min_iters)):
         if cuda:
             if flush is not None:
                 flush.zero_()
