@@ -135,6 +135,20 @@ def test_low_memory_model_scripts_and_copies():
     assert not torch.allclose(clone(x), model(x))
 
 
+def test_model_compiles_on_cpu():
+    """torch.compile(fullgraph=True) traces the CPU model, the scan included, with the eager logits and gradients."""
+    torch.manual_seed(0)
+    model = HgrnDeit(embed_dim=16, depth=2, num_classes=3, scan_impl='torch').double()
+    x = torch.randn(2, 3, 28, 42, dtype=torch.float64)
+    torch._dynamo.reset()
+    out = torch.compile(model, fullgraph=True, backend='aot_eager')(x)
+    ref = model(x)
+    torch.testing.assert_close(out, ref, rtol=1e-10, atol=1e-10)
+    params = list(model.parameters())
+    for g, r in zip(torch.autograd.grad(out.sum(), params), torch.autograd.grad(ref.sum(), params)):
+        torch.testing.assert_close(g, r, rtol=1e-9, atol=1e-10)
+
+
 @pytest.mark.parametrize('size,grid', [
     ((224, 224), (16, 16)), ((96, 96), (7, 7)), ((160, 224), (12, 16)), ((100, 130), (8, 10)), ((14, 14), (1, 1)),
     ((14, 30), (1, 3))])

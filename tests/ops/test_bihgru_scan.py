@@ -75,6 +75,21 @@ def test_chunked_scan_extreme_gates(make_scan_inputs):
         torch.testing.assert_close(g, r, rtol=1e-10, atol=1e-10)
 
 
+@pytest.mark.parametrize('N', [1, 16, 41])
+def test_chunked_scan_traced(N, make_scan_inputs):
+    """Under torch.compile the scan is traced in real arithmetic (`_bihgru_traced`): one graph, forward and grads
+    against the reference in float64."""
+    inputs = make_scan_inputs(2, N, 3, seed=N, requires_grad=True)
+    torch._dynamo.reset()
+    out = torch.compile(bihgru_scan_chunked, fullgraph=True, backend='aot_eager')(*inputs)
+    ref = bihgru_scan_reference(*inputs)
+    torch.testing.assert_close(out, ref, rtol=1e-12, atol=1e-12)
+    dout = torch.randn_like(ref)
+    grads = torch.autograd.grad(out, inputs, dout, materialize_grads=True)
+    for g, r in zip(grads, torch.autograd.grad(ref, inputs, dout)):
+        torch.testing.assert_close(g, r, rtol=1e-10, atol=1e-10)
+
+
 @pytest.mark.parametrize('B,N,C', [(1, 1, 4), (2, 37, 5), (3, 64, 130), (1, 300, 8)])
 def test_torch_matches_reference_with_grads(B, N, C, make_scan_inputs, rel_err):
     f32_in = make_scan_inputs(B, N, C, dtype=torch.float32, seed=B * N + C, requires_grad=True)

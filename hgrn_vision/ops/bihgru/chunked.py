@@ -10,8 +10,10 @@ divides by a product of gates, so gates near 0 are exact.
 The backward is the same scan run on the adjoint, `dh_t = g_t + conj(a_{t+1}) dh_{t+1}`, a reverse recurrence with
 the conjugate gates, then `dv_t = dh_t` and `da_t = dh_t conj(h_{t-1})`.
 
-Under `torch.export` (the ONNX export) the scan is written in real (re, im) arithmetic, its chunks' carries a `scan`
-higher-order op, so that one graph holds for any number of tokens (`_bihgru_export`).
+Traced by `torch.export` (the ONNX export) or `torch.compile`, the scan is written in real (re, im) arithmetic as
+chunks of unrolled steps (`_bihgru_traced`): ONNX has no complex numbers, and inductor fuses each chunk's steps into
+one loop. Exported, the chunks' carries are a `scan` higher-order op, so that one graph holds for any number of
+tokens; compiled, they are unrolled too (inductor cannot lower `scan`), specialised to the number of chunks.
 """
 import math
 
@@ -20,7 +22,7 @@ import torch.nn.functional as F
 
 __all__ = ['bihgru_scan_chunked']
 
-EXPORT_CHUNK = 16  # chunk length of the exported graph: its inner steps are unrolled, its chunks scanned
+TRACED_CHUNK = 16  # chunk length of the traced scan: its steps are unrolled
 
 
 def _scan(a: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
@@ -114,14 +116,12 @@ def _cmuladd(a, b, c):
     return re + c[0], im + c[1]
 
 
-def _bihgru_export(lam, v_re, v_im, theta):
-    """`_BiScan`'s forward in real arithmetic, as one graph for any N: chunks of `EXPORT_CHUNK` tokens whose steps are
-    unrolled, the chunks' carries a `scan` over the chunks. `theta` (2, C): the forward and reverse angles. Returns
-    (Re h, Im h)."""
-    from torch._higher_order_ops.scan import scan
-
+def _bihgru_traced(lam, v_re, v_im, theta):
+    """`_BiScan`'s forward in real arithmetic for `torch.export` and `torch.compile`: chunks of `TRACED_CHUNK` tokens
+    whose steps are unrolled; the chunks' carries a `scan` over the chunks when exporting (one graph for any N),
+    unrolled when compiling. `theta` (2, C): the forward and reverse angles. Returns (Re h, Im h)."""
     B, N, C = lam.shape
-    L = EXPORT_CHUNK
+    L = TRACED_CHUNK
     pad = (L - N % L) % L
     K = (N + pad) // L
 
@@ -140,8 +140,16 @@ def _bihgru_export(lam, v_re, v_im, theta):
         e_re, e_im, p_re, p_im = x
         return _cmuladd((p_re, p_im), carry, (e_re, e_im)), (carry[0].clone(), carry[1].clone())
 
-    _, carry = scan(carry_step, (lam.new_zeros(2, B, C), lam.new_zeros(2, B, C)),
-                    [x.movedim(2, 0) for x in (*end, *prod)])
+    init = (lam.new_zeros(2, B, C), lam.new_zeros(2, B, C))  # two tensors: `scan` refuses aliased carries
+    xs = [x.movedim(2, 0) for x in (*end, *prod)]
+    if torch.compiler.is_exporting():
+        from torch._higher_order_ops.scan import scan
+        _, carry = scan(carry_step, init, xs)
+    else:
+        states = [init]
+        for k in range(K - 1):
+            states.append(carry_step(states[-1], [x[k] for x in xs])[0])
+        carry = tuple(torch.stack(c) for c in zip(*states))
     h = [_cmuladd(a[0], tuple(c.movedim(0, 2) for c in carry), v[0])]
     for t in range(1, L):
         h.append(_cmuladd(a[t], h[-1], v[t]))
@@ -169,9 +177,9 @@ def bihgru_scan_chunked(
     lam = g + (1. - g) * torch.sigmoid(z.to(real_dtype))
     c = F.silu(u.to(real_dtype)).view(B, N, C, 2)  # interleaved (re, im) pairs
     theta_f, theta_r = theta_f.to(real_dtype), theta_r.to(real_dtype)
-    if torch.compiler.is_exporting():  # ONNX has no complex numbers
+    if torch.compiler.is_exporting() or torch.compiler.is_compiling():
         w = 1. - lam
-        h_re, h_im = _bihgru_export(lam, c[..., 0] * w, c[..., 1] * w, torch.stack([theta_f, theta_r]))
+        h_re, h_im = _bihgru_traced(lam, c[..., 0] * w, c[..., 1] * w, torch.stack([theta_f, theta_r]))
     else:
         one = torch.ones_like(theta_f)
         out = _BiScan.apply(lam, torch.view_as_complex(c) * (1. - lam), torch.polar(one, theta_f),
