@@ -75,7 +75,7 @@ def test_chunked_scan_extreme_gates(make_scan_inputs):
         torch.testing.assert_close(g, r, rtol=1e-10, atol=1e-10)
 
 
-@pytest.mark.parametrize('N', [1, 16, 41])
+@pytest.mark.parametrize('N', [1, 16, 41, 150])
 def test_chunked_scan_traced(N, make_scan_inputs):
     """Under torch.compile the scan is traced in real arithmetic (`_bihgru_traced`): one graph, forward and grads
     against the reference in float64."""

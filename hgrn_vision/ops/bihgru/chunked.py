@@ -13,7 +13,7 @@ the conjugate gates, then `dv_t = dh_t` and `da_t = dh_t conj(h_{t-1})`.
 Traced by `torch.export` (the ONNX export) or `torch.compile`, the scan is written in real (re, im) arithmetic as
 chunks of unrolled steps (`_bihgru_traced`): ONNX has no complex numbers, and inductor fuses each chunk's steps into
 one loop. Exported, the chunks' carries are a `scan` higher-order op, so that one graph holds for any number of
-tokens; compiled, they are unrolled too (inductor cannot lower `scan`), specialised to the number of chunks.
+tokens; compiled, a log-depth (Hillis-Steele) scan over the chunks, since inductor cannot lower `scan`.
 """
 import math
 
@@ -118,8 +118,8 @@ def _cmuladd(a, b, c):
 
 def _bihgru_traced(lam, v_re, v_im, theta):
     """`_BiScan`'s forward in real arithmetic for `torch.export` and `torch.compile`: chunks of `TRACED_CHUNK` tokens
-    whose steps are unrolled; the chunks' carries a `scan` over the chunks when exporting (one graph for any N),
-    unrolled when compiling. `theta` (2, C): the forward and reverse angles. Returns (Re h, Im h)."""
+    whose steps are unrolled; the chunks' carries a `scan` over the chunks when exporting (one graph for any N), a
+    log-depth scan when compiling. `theta` (2, C): the forward and reverse angles. Returns (Re h, Im h)."""
     B, N, C = lam.shape
     L = TRACED_CHUNK
     pad = (L - N % L) % L
@@ -136,21 +136,25 @@ def _bihgru_traced(lam, v_re, v_im, theta):
     for t in range(1, L):
         end, prod = _cmuladd(a[t], end, v[t]), _cmul(a[t], prod)
 
-    def carry_step(carry, x):  # the state entering a chunk -> the state entering the next, and the first
-        e_re, e_im, p_re, p_im = x
-        return _cmuladd((p_re, p_im), carry, (e_re, e_im)), (carry[0].clone(), carry[1].clone())
-
-    init = (lam.new_zeros(2, B, C), lam.new_zeros(2, B, C))  # two tensors: `scan` refuses aliased carries
-    xs = [x.movedim(2, 0) for x in (*end, *prod)]
     if torch.compiler.is_exporting():
         from torch._higher_order_ops.scan import scan
-        _, carry = scan(carry_step, init, xs)
-    else:
-        states = [init]
-        for k in range(K - 1):
-            states.append(carry_step(states[-1], [x[k] for x in xs])[0])
-        carry = tuple(torch.stack(c) for c in zip(*states))
-    h = [_cmuladd(a[0], tuple(c.movedim(0, 2) for c in carry), v[0])]
+
+        def carry_step(carry, x):  # the state entering a chunk -> the state entering the next, and the first
+            e_re, e_im, p_re, p_im = x
+            return _cmuladd((p_re, p_im), carry, (e_re, e_im)), (carry[0].clone(), carry[1].clone())
+
+        init = (lam.new_zeros(2, B, C), lam.new_zeros(2, B, C))  # two tensors: `scan` refuses aliased carries
+        _, carry = scan(carry_step, init, [x.movedim(2, 0) for x in (*end, *prod)])
+        carry = tuple(c.movedim(0, 2) for c in carry)
+    else:  # inductor cannot lower `scan`: the chunks' end states summed by log2(K) doubling steps
+        d = 1
+        while d < K:  # end, prod: over the 2d chunks up to each, from d chunks
+            end_before = tuple(F.pad(x[:, :, :-d], (0, 0, d, 0)) for x in end)
+            prod_before = (F.pad(prod[0][:, :, :-d], (0, 0, d, 0), value=1.), F.pad(prod[1][:, :, :-d], (0, 0, d, 0)))
+            end, prod = _cmuladd(prod, end_before, end), _cmul(prod, prod_before)
+            d *= 2
+        carry = tuple(F.pad(x[:, :, :-1], (0, 0, 1, 0)) for x in end)  # the state entering each chunk
+    h = [_cmuladd(a[0], carry, v[0])]
     for t in range(1, L):
         h.append(_cmuladd(a[t], h[-1], v[t]))
     out = []
