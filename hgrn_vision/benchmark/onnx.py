@@ -51,15 +51,14 @@ def benchmark_onnx(
 
     dev = torch.device('cpu')
     threads = torch.get_num_threads()
+    timing = dict(warmup=warmup, min_iters=min_iters, max_iters=max_iters, max_time=max_time)
     meta = environment(dev)
     meta.update(onnxruntime=onnxruntime.__version__, onnx=onnx.__version__, onnxscript=onnxscript.__version__,
                 models=list(models), model_kwargs=dict(model_kwargs or {}), res=res, batch_sizes=list(batch_sizes),
-                check_sizes=[list(s) for s in check_sizes],
-                rounds=rounds, timing=dict(warmup=warmup, min_iters=min_iters, max_iters=max_iters, max_time=max_time))
+                check_sizes=[list(s) for s in check_sizes], rounds=rounds, timing=timing)
     print(f'{meta["device"]}: torch {meta["torch"]}, onnxruntime {meta["onnxruntime"]}, {threads} threads', flush=True)
     options = onnxruntime.SessionOptions()
     options.intra_op_num_threads, options.inter_op_num_threads = threads, 1  # as many threads as PyTorch's
-    timing = dict(warmup=warmup, min_iters=min_iters, max_iters=max_iters, max_time=max_time)
     rows: List[Dict[str, Any]] = []
     checks: List[Dict[str, Any]] = []
     for model_name in models:

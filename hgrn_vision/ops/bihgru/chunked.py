@@ -181,12 +181,10 @@ def bihgru_scan_chunked(
     lam = g + (1. - g) * torch.sigmoid(z.to(real_dtype))
     c = F.silu(u.to(real_dtype)).view(B, N, C, 2)  # interleaved (re, im) pairs
     theta_f, theta_r = theta_f.to(real_dtype), theta_r.to(real_dtype)
+    w = 1. - lam
     if torch.compiler.is_exporting() or torch.compiler.is_compiling():
-        w = 1. - lam
-        h_re, h_im = _bihgru_traced(lam, c[..., 0] * w, c[..., 1] * w, torch.stack([theta_f, theta_r]))
+        out = torch.cat(_bihgru_traced(lam, c[..., 0] * w, c[..., 1] * w, torch.stack([theta_f, theta_r])), -1)
     else:
         one = torch.ones_like(theta_f)
-        out = _BiScan.apply(lam, torch.view_as_complex(c) * (1. - lam), torch.polar(one, theta_f),
-                            torch.polar(one, theta_r))
-        return out.to(u.dtype)
-    return torch.cat([h_re, h_im], -1).to(u.dtype)
+        out = _BiScan.apply(lam, torch.view_as_complex(c) * w, torch.polar(one, theta_f), torch.polar(one, theta_r))
+    return out.to(u.dtype)
