@@ -1,5 +1,5 @@
-"""The scan op's PyTorch paths: the reference against a naive complex loop, the 'torch' path against both; the
-dispatch and its input checks."""
+"""The scan op's CPU paths: the reference against a naive complex loop, the 'torch' path and the C kernel ('cpu')
+against both; the dispatch, the kernel's build and fallback, and the input checks."""
 import cmath
 import math
 
@@ -7,6 +7,13 @@ import pytest
 import torch
 
 from hgrn_vision.ops import available_impls, bihgru_scan, bihgru_scan_chunked, bihgru_scan_reference, default_impl
+from hgrn_vision.ops.bihgru import cpu
+
+CPU_IMPLS = ('torch', 'cpu')  # the two fast CPU paths, tested alike
+
+
+def scan_fn(impl):
+    return lambda *inputs: bihgru_scan(*inputs, impl=impl)
 
 
 def naive_directions(u, z, gamma, theta_f, theta_r):
@@ -46,28 +53,31 @@ def test_reference_matches_naive_loop(B, N, C, make_scan_inputs):
     torch.testing.assert_close(out, naive_output(*inputs), rtol=1e-12, atol=1e-12)
 
 
+@pytest.mark.parametrize('impl', CPU_IMPLS)
 @pytest.mark.parametrize('N', [1, 2, 5, 16, 37, 50])
-def test_chunked_scan_matches_naive_loop(N, make_scan_inputs):
-    """Lengths around the chunks (whole chunks, a padded last chunk, one chunk)."""
+def test_scan_matches_naive_loop(impl, N, make_scan_inputs):
+    """Lengths around the chunks (whole chunks, a padded last chunk, one chunk), float64."""
     inputs = make_scan_inputs(2, N, 3, seed=N)
-    torch.testing.assert_close(bihgru_scan_chunked(*inputs), naive_output(*inputs), rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(bihgru_scan(*inputs, impl=impl), naive_output(*inputs), rtol=1e-12, atol=1e-12)
 
 
+@pytest.mark.parametrize('impl', CPU_IMPLS)
 @pytest.mark.parametrize('N', [1, 3, 10, 17])
-def test_chunked_scan_gradcheck(N, make_scan_inputs):
+def test_scan_gradcheck(impl, N, make_scan_inputs):
     """The hand-written backward (the adjoint scan) against finite differences, float64."""
     inputs = make_scan_inputs(2, N, 3, seed=N, requires_grad=True)
-    assert torch.autograd.gradcheck(bihgru_scan_chunked, inputs)
+    assert torch.autograd.gradcheck(scan_fn(impl), inputs)
 
 
-def test_chunked_scan_extreme_gates(make_scan_inputs):
+@pytest.mark.parametrize('impl', CPU_IMPLS)
+def test_scan_extreme_gates(impl, make_scan_inputs):
     """gamma up to 0.9999 (gates near 1, long memory) and gates near 0: exact forward and backward, no NaN."""
     u, z, gamma, tf, tr = make_scan_inputs(2, 41, 4, seed=3)
     gamma = torch.tensor([0.9999, 0.999, 0., 0.], dtype=torch.float64)
     z = z.clone()
     z[..., 2:] = -60.  # lam = sigmoid(-60) ~ 1e-26
     inputs = [t.requires_grad_(True) for t in (u, z, gamma, tf, tr)]
-    out, ref = bihgru_scan_chunked(*inputs), bihgru_scan_reference(*inputs)
+    out, ref = bihgru_scan(*inputs, impl=impl), bihgru_scan_reference(*inputs)
     torch.testing.assert_close(out, ref, rtol=1e-12, atol=1e-12)
     dout = torch.randn_like(ref)
     for g, r in zip(torch.autograd.grad(out, inputs, dout), torch.autograd.grad(ref, inputs, dout)):
@@ -90,12 +100,14 @@ def test_chunked_scan_traced(N, make_scan_inputs):
         torch.testing.assert_close(g, r, rtol=1e-10, atol=1e-10)
 
 
+@pytest.mark.parametrize('impl', CPU_IMPLS)
 @pytest.mark.parametrize('B,N,C', [(1, 1, 4), (2, 37, 5), (3, 64, 130), (1, 300, 8)])
-def test_torch_matches_reference_with_grads(B, N, C, make_scan_inputs, rel_err):
+def test_float32_matches_reference_with_grads(impl, B, N, C, make_scan_inputs, rel_err):
+    """float32 against float64; C = 130 spans the C kernel's blocks of channels with a partial last one."""
     f32_in = make_scan_inputs(B, N, C, dtype=torch.float32, seed=B * N + C, requires_grad=True)
     ref_in = [t.detach().double().requires_grad_(True) for t in f32_in]  # the same (rounded) inputs in float64
     ref = bihgru_scan_reference(*ref_in)
-    out = bihgru_scan_chunked(*f32_in)
+    out = bihgru_scan(*f32_in, impl=impl)
     assert out.dtype == torch.float32
     assert rel_err(out, ref) < 1e-5
     dout = torch.randn_like(ref)
@@ -120,7 +132,7 @@ def test_reference_is_scriptable(make_scan_inputs):
 @pytest.mark.parametrize('dtype', [torch.bfloat16, torch.float16, torch.float32])
 def test_dispatch_keeps_dtype(dtype, make_scan_inputs, rel_err):
     inputs = make_scan_inputs(2, 10, 4, dtype=dtype)
-    for impl in ('reference', 'torch', None):
+    for impl in ('reference', *CPU_IMPLS, None):
         out = bihgru_scan(*inputs, impl=impl)
         assert out.dtype == dtype and out.shape == (2, 10, 8)
         assert rel_err(out, bihgru_scan_reference(*[t.double() for t in inputs])) < 2e-2
@@ -128,28 +140,65 @@ def test_dispatch_keeps_dtype(dtype, make_scan_inputs, rel_err):
 
 def test_default_impl_keeps_float64_exact():
     """impl=None: the Triton kernels for CUDA tensors, but not for float64 ones, which they would compute in float32
-    (1e-7 off the reference in the interpreter, where the PyTorch scan is exact to 1e-16); 'torch' off CUDA."""
+    (1e-7 off the reference in the interpreter, where the PyTorch scan is exact to 1e-16); the C kernel for CPU
+    tensors of any dtype; 'torch' elsewhere."""
     from types import SimpleNamespace
 
     on_cuda = 'triton' if 'triton' in available_impls() else 'torch'
-    assert default_impl(SimpleNamespace(is_cuda=True, dtype=torch.float32)) == on_cuda
-    assert default_impl(SimpleNamespace(is_cuda=True, dtype=torch.bfloat16)) == on_cuda
-    assert default_impl(SimpleNamespace(is_cuda=True, dtype=torch.float64)) == 'torch'
-    assert default_impl(torch.zeros(1)) == 'torch'
+    assert default_impl(SimpleNamespace(is_cuda=True, device=torch.device('cuda'), dtype=torch.float32)) == on_cuda
+    assert default_impl(SimpleNamespace(is_cuda=True, device=torch.device('cuda'), dtype=torch.bfloat16)) == on_cuda
+    assert default_impl(SimpleNamespace(is_cuda=True, device=torch.device('cuda'), dtype=torch.float64)) == 'torch'
+    for dtype in (torch.float64, torch.float32, torch.bfloat16):
+        assert default_impl(torch.zeros(1, dtype=dtype)) == 'cpu'
+    assert default_impl(torch.zeros(1, device='meta')) == 'torch'
 
 
 def test_impls():
     """The op's implementations; 'triton' where Triton is installed."""
-    assert available_impls() in (('reference', 'torch'), ('reference', 'torch', 'triton'))
+    assert available_impls() in (('reference', 'torch', 'cpu'), ('reference', 'torch', 'cpu', 'triton'))
 
 
-def test_noncontiguous_inputs(make_scan_inputs):
+@pytest.fixture
+def fresh_kernel(monkeypatch, tmp_path):
+    """The C kernel built afresh into an empty cache, and forgotten again after the test."""
+    monkeypatch.setenv('HGRN_VISION_CACHE', str(tmp_path))
+    cpu._library.cache_clear()
+    yield tmp_path
+    cpu._library.cache_clear()
+
+
+def test_kernel_builds_into_cache(fresh_kernel, make_scan_inputs):
+    inputs = make_scan_inputs(2, 9, 3)
+    out = bihgru_scan(*inputs, impl='cpu')
+    assert len(list(fresh_kernel.glob('*.so'))) == 1  # the float64 build
+    torch.testing.assert_close(out, bihgru_scan_reference(*inputs), rtol=1e-12, atol=1e-12)
+
+
+def test_kernel_fallback_without_compiler(fresh_kernel, monkeypatch, make_scan_inputs):
+    """No C compiler: one warning saying so, impl=None runs the PyTorch scan, impl='cpu' fails with a message."""
+    monkeypatch.setenv('CC', str(fresh_kernel / 'no-such-compiler'))
+    inputs = make_scan_inputs(2, 9, 3, dtype=torch.float32)
+    with pytest.warns(UserWarning, match='could not be built'):
+        assert default_impl(inputs[0]) == 'torch'
+    torch.testing.assert_close(bihgru_scan(*inputs), bihgru_scan(*inputs, impl='torch'))
+    with pytest.raises(RuntimeError, match="impl='torch'"):
+        bihgru_scan(*inputs, impl='cpu')
+
+
+def test_kernel_can_be_turned_off(fresh_kernel, monkeypatch):
+    monkeypatch.setenv('HGRN_VISION_CPU_KERNEL', '0')
+    assert default_impl(torch.zeros(1)) == 'torch'
+    assert not list(fresh_kernel.iterdir())
+
+
+@pytest.mark.parametrize('impl', CPU_IMPLS)
+def test_noncontiguous_inputs(impl, make_scan_inputs):
     u, z, gamma, tf, tr = make_scan_inputs(3, 11, 6, dtype=torch.float32)
     # views into a larger fused projection, as the mixer passes them
     fused = torch.cat([u, z, torch.randn(3, 11, 12)], -1)
     u_view, z_view = fused.split([12, 6, 12], -1)[:2]
     assert not u_view.is_contiguous()
-    torch.testing.assert_close(bihgru_scan(u_view, z_view, gamma, tf, tr, impl='torch'),
+    torch.testing.assert_close(bihgru_scan(u_view, z_view, gamma, tf, tr, impl=impl),
                                bihgru_scan(u, z, gamma, tf, tr, impl='reference'), rtol=1e-5, atol=1e-5)
 
 

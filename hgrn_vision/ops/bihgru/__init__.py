@@ -17,7 +17,8 @@ output has the dtype of `u`.
 
 Implementations (`impl=`):
   'reference'  step-by-step loop (`naive.py`): the ground truth, float64-capable, TorchScript-able, slow.
-  'torch'      chunked scan (`chunked.py`): the fast path for the CPU and any device, and the one ONNX exports.
+  'torch'      chunked scan (`chunked.py`): any device, and the one torch.compile and the ONNX export trace.
+  'cpu'        C kernel (`cpu.py`, `cpu_scan.c`) built at first use by the system's C compiler: the CPU path.
   'triton'     the fused Triton op (`fused.py`; kernels in `fwd.py`, `fwd_onchip.py`, `bwd.py`), forward and
                backward, for CUDA (CPU under TRITON_INTERPRET=1).
 `impl=None` picks the best one available for the inputs' device.
@@ -33,6 +34,7 @@ import torch.nn.functional as F
 from timm.layers import register_notrace_function
 
 from .chunked import bihgru_scan_chunked
+from .cpu import bihgru_scan_cpu, kernel_available
 from .naive import bihgru_scan_reference
 
 __all__ = ['bihgru_scan', 'bihgru_scan_norm_gate', 'bihgru_scan_reference', 'bihgru_scan_chunked', 'available_impls',
@@ -41,6 +43,7 @@ __all__ = ['bihgru_scan', 'bihgru_scan_norm_gate', 'bihgru_scan_reference', 'bih
 _IMPLS: Dict[str, Callable[..., torch.Tensor]] = {
     'reference': bihgru_scan_reference,
     'torch': bihgru_scan_chunked,
+    'cpu': bihgru_scan_cpu,
 }
 try:  # triton is absent on some platforms (macOS, Windows): the PyTorch paths still work there
     from .fused import bihgru_scan_triton
@@ -56,10 +59,12 @@ def available_impls():
 
 
 def default_impl(x: torch.Tensor) -> str:
-    """The implementation `impl=None` picks for a tensor: 'triton' on CUDA, but 'torch' for float64 (the Triton
-    kernels compute in float32 whatever the input dtype) and everywhere else."""
+    """The implementation `impl=None` picks for a tensor: 'triton' on CUDA, but not for float64 (the Triton kernels
+    compute in float32 whatever the input dtype); the C kernel 'cpu' on the CPU where it can be built; else 'torch'."""
     if x.is_cuda and x.dtype != torch.float64 and 'triton' in _IMPLS:
         return 'triton'
+    if x.device.type == 'cpu' and kernel_available(torch.float64 if x.dtype == torch.float64 else torch.float32):
+        return 'cpu'
     return 'torch'
 
 

@@ -20,7 +20,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-__all__ = ['bihgru_scan_chunked']
+__all__ = ['bihgru_scan_chunked', 'gates']
 
 TRACED_CHUNK = 16  # chunk length of the traced scan: its steps are unrolled
 
@@ -164,6 +164,16 @@ def _bihgru_traced(lam, v_re, v_im, theta):
     return out
 
 
+def gates(u: torch.Tensor, z: torch.Tensor, gamma: torch.Tensor):
+    """The scan's gates from its inputs, in float32 (float64 for float64 inputs): the magnitude `lam` (B, N, C), the
+    input `c` (B, N, C, 2) as (re, im) pairs and its weight `w = 1 - lam`."""
+    real_dtype = torch.float64 if u.dtype == torch.float64 else torch.float32
+    B, N, C = z.shape
+    g = gamma.to(real_dtype)
+    lam = g + (1. - g) * torch.sigmoid(z.to(real_dtype))
+    return lam, F.silu(u.to(real_dtype)).view(B, N, C, 2), 1. - lam
+
+
 def bihgru_scan_chunked(
         u: torch.Tensor,
         z: torch.Tensor,
@@ -175,13 +185,8 @@ def bihgru_scan_chunked(
 
     Computes in float32 (float64 for float64 inputs) and returns the dtype of `u`.
     """
-    real_dtype = torch.float64 if u.dtype == torch.float64 else torch.float32
-    B, N, C = z.shape
-    g = gamma.to(real_dtype)
-    lam = g + (1. - g) * torch.sigmoid(z.to(real_dtype))
-    c = F.silu(u.to(real_dtype)).view(B, N, C, 2)  # interleaved (re, im) pairs
-    theta_f, theta_r = theta_f.to(real_dtype), theta_r.to(real_dtype)
-    w = 1. - lam
+    lam, c, w = gates(u, z, gamma)
+    theta_f, theta_r = theta_f.to(lam.dtype), theta_r.to(lam.dtype)
     if torch.compiler.is_exporting() or torch.compiler.is_compiling():
         out = torch.cat(_bihgru_traced(lam, c[..., 0] * w, c[..., 1] * w, torch.stack([theta_f, theta_r])), -1)
     else:
