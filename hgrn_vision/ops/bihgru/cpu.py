@@ -21,9 +21,10 @@ from pathlib import Path
 from typing import Optional
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
-from .chunked import bihgru_scan_chunked, gates
+from .chunked import bihgru_scan_chunked
 
 __all__ = ['bihgru_scan_cpu', 'kernel_available']
 
@@ -83,10 +84,10 @@ def _library(real: str) -> Optional[ctypes.CDLL]:
                       'to silence this.', stacklevel=3)
         return None
     ptr, size, csr = ctypes.c_void_p, ctypes.c_long, ctypes.c_uint
-    lib.bihgru_forward.argtypes = [size] * 3 + [ptr] * 6 + [size, size, csr]
-    lib.bihgru_backward.argtypes = [size] * 3 + [ptr] * 8 + [size, size, csr]
+    lib.bihgru_forward.argtypes = [size] * 3 + [ptr] * 5 + [size] * 3 + [csr]
+    lib.bihgru_backward.argtypes = [size] * 3 + [ptr] * 8 + [size] * 3 + [csr]
     lib.bihgru_forward.restype = lib.bihgru_backward.restype = None
-    lib.bihgru_items.argtypes, lib.bihgru_items.restype = [size, size], size
+    lib.bihgru_max_width.argtypes, lib.bihgru_max_width.restype = [], size
     lib.bihgru_csr.argtypes, lib.bihgru_csr.restype = [], csr
     return lib
 
@@ -99,15 +100,19 @@ def _workers(pid: int) -> ThreadPoolExecutor:
 
 
 def _launch(lib: ctypes.CDLL, kernel, B: int, N: int, C: int, *ptrs) -> None:
-    """`kernel(B, N, C, *ptrs, begin, end, csr)` over all its work items, shared among up to
-    `torch.get_num_threads()` threads with the caller's floating-point control word (its denormal flushing)."""
-    items = lib.bihgru_items(B, C)
-    threads = max(1, min(torch.get_num_threads(), items, B * N * C // _MIN_PER_THREAD))
+    """`kernel(B, N, C, *ptrs, width, begin, end, csr)` over its work items, (sequence, `width` channels) pairs,
+    shared among up to `torch.get_num_threads()` threads with the caller's floating-point control word (its denormal
+    flushing). Items are whole rows where there are sequences enough for the threads, else rows cut in parts."""
+    threads = max(1, min(torch.get_num_threads(), B * N * C // _MIN_PER_THREAD))
+    width = min(lib.bihgru_max_width(), -(-C // -(-threads // B)))
+    width = min(-(-width // 16) * 16, C)  # whole vectors
+    items = B * -(-C // width)
+    threads = min(threads, items)
     bounds = [items * k // threads for k in range(threads + 1)]
     csr = lib.bihgru_csr()
     pool = _workers(os.getpid()) if threads > 1 else None
-    futures = [pool.submit(kernel, B, N, C, *ptrs, bounds[k], bounds[k + 1], csr) for k in range(1, threads)]
-    kernel(B, N, C, *ptrs, 0, bounds[1], csr)
+    futures = [pool.submit(kernel, B, N, C, *ptrs, width, bounds[k], bounds[k + 1], csr) for k in range(1, threads)]
+    kernel(B, N, C, *ptrs, width, 0, bounds[1], csr)
     for f in futures:
         f.result()
 
@@ -118,35 +123,34 @@ def kernel_available(dtype: torch.dtype = torch.float32) -> bool:
 
 
 class _CpuScan(torch.autograd.Function):
-    """`[Re h | Im h]` (B, N, 2C) from the gates' magnitude `lam` and the input `v_re`, `v_im` (B, N, C, contiguous)
-    and the angles `theta_f`, `theta_r` (C,). `keep`: keep both directions' states for the backward."""
+    """`[Re h | Im h]` (B, N, 2C) from `sig = sigmoid(z)` (B, N, C), `c = silu(u)` (B, N, 2C) as (re, im) pairs, and
+    `gamma`, `theta_f`, `theta_r` (C,). `keep`: keep both directions' states for the backward."""
 
     @staticmethod
-    def forward(ctx, lam, v_re, v_im, theta_f, theta_r, keep):
-        lib = _library(_REALS[lam.dtype])
-        B, N, C = lam.shape
-        lam, v_re, v_im = lam.contiguous(), v_re.contiguous(), v_im.contiguous()
-        rot = torch.stack([theta_f.cos(), theta_f.sin(), theta_r.cos(), theta_r.sin()])
-        out = lam.new_empty(B, N, 2 * C)
-        h = lam.new_empty(4, B, N, C) if keep else None
-        _launch(lib, lib.bihgru_forward, B, N, C, lam.data_ptr(), v_re.data_ptr(), v_im.data_ptr(), rot.data_ptr(),
-                out.data_ptr(), None if h is None else h.data_ptr())
-        ctx.save_for_backward(lam, rot, h)
+    def forward(ctx, sig, c, gamma, theta_f, theta_r, keep):
+        lib = _library(_REALS[sig.dtype])
+        B, N, C = sig.shape
+        sig, c = sig.contiguous(), c.contiguous()
+        par = torch.stack([theta_f.cos(), theta_f.sin(), theta_r.cos(), theta_r.sin(), gamma])
+        out = sig.new_empty(B, N, 2 * C)
+        h = sig.new_empty(4, B, N, C) if keep else None
+        _launch(lib, lib.bihgru_forward, B, N, C, sig.data_ptr(), c.data_ptr(), par.data_ptr(), out.data_ptr(),
+                None if h is None else h.data_ptr())
+        ctx.save_for_backward(sig, c, par, h)
         return out
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad):
-        lam, rot, h = ctx.saved_tensors
-        lib = _library(_REALS[lam.dtype])
-        B, N, C = lam.shape
+        sig, c, par, h = ctx.saved_tensors
+        lib = _library(_REALS[sig.dtype])
+        B, N, C = sig.shape
         grad = grad.contiguous()
-        dlam, dv_re, dv_im = (torch.empty_like(lam) for _ in range(3))
-        dtheta = lam.new_empty(2, B, C)
-        _launch(lib, lib.bihgru_backward, B, N, C, lam.data_ptr(), rot.data_ptr(), h.data_ptr(), grad.data_ptr(),
-                dlam.data_ptr(), dv_re.data_ptr(), dv_im.data_ptr(), dtheta.data_ptr())
-        dtheta = dtheta.sum(1)
-        return dlam, dv_re, dv_im, dtheta[0], dtheta[1], None
+        dsig, dc, dpar = torch.empty_like(sig), torch.empty_like(c), sig.new_empty(3, B, C)
+        _launch(lib, lib.bihgru_backward, B, N, C, sig.data_ptr(), c.data_ptr(), par.data_ptr(), h.data_ptr(),
+                grad.data_ptr(), dsig.data_ptr(), dc.data_ptr(), dpar.data_ptr())
+        dtheta_f, dtheta_r, dgamma = dpar.sum(1)
+        return dsig, dc, dgamma, dtheta_f, dtheta_r, None
 
 
 def bihgru_scan_cpu(u: Tensor, z: Tensor, gamma: Tensor, theta_f: Tensor, theta_r: Tensor) -> Tensor:
@@ -156,11 +160,11 @@ def bihgru_scan_cpu(u: Tensor, z: Tensor, gamma: Tensor, theta_f: Tensor, theta_
         raise ValueError(f"bihgru_scan impl='cpu' runs on CPU tensors, got {u.device}; use impl=None.")
     if torch.compiler.is_exporting() or torch.compiler.is_compiling():
         return bihgru_scan_chunked(u, z, gamma, theta_f, theta_r)  # traced: ctypes calls do not trace
-    lam, c, w = gates(u, z, gamma)
-    if not kernel_available(lam.dtype):
+    real = torch.float64 if u.dtype == torch.float64 else torch.float32
+    if not kernel_available(real):
         raise RuntimeError("bihgru_scan impl='cpu': the C kernel could not be built on this machine (see the warning "
                            "above); use impl='torch' or impl=None.")
-    theta_f, theta_r = theta_f.to(lam.dtype), theta_r.to(lam.dtype)
-    keep = torch.is_grad_enabled() and any(t.requires_grad for t in (u, z, gamma, theta_f, theta_r))
-    out = _CpuScan.apply(lam, c[..., 0] * w, c[..., 1] * w, theta_f, theta_r, keep)
+    params = [t.to(real) for t in (gamma, theta_f, theta_r)]
+    keep = torch.is_grad_enabled() and any(t.requires_grad for t in (u, z, *params))
+    out = _CpuScan.apply(torch.sigmoid(z.to(real)), F.silu(u.to(real)), *params, keep)
     return out.to(u.dtype)
