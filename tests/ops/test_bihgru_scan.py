@@ -2,6 +2,7 @@
 against both; the dispatch, the kernel's build and fallback, and the input checks."""
 import cmath
 import math
+import platform
 
 import pytest
 import torch
@@ -196,6 +197,25 @@ def test_kernel_shares_work_among_threads(B, N, C, make_scan_inputs, monkeypatch
     dout = torch.randn_like(ref)
     for g, r in zip(torch.autograd.grad(out, inputs, dout), torch.autograd.grad(ref, inputs, dout)):
         torch.testing.assert_close(g, r, rtol=1e-9, atol=1e-9)
+
+
+@pytest.mark.skipif(platform.libc_ver()[0] != 'glibc', reason="glibc's malloc thresholds")
+def test_kernel_keeps_freed_memory():
+    """With the C kernel loaded, glibc's malloc hands out 12 MB tensors from its heap and keeps them there once freed
+    (48 MB free in the heap, `mallinfo2().fordblks`) for the next ones, instead of giving the pages back to the
+    system and faulting them in again."""
+    import ctypes
+
+    class MallInfo2(ctypes.Structure):
+        _fields_ = [(name, ctypes.c_size_t) for name in (
+            'arena', 'ordblks', 'smblks', 'hblks', 'hblkhd', 'usmblks', 'fsmblks', 'uordblks', 'fordblks', 'keepcost')]
+
+    libc = ctypes.CDLL(None)
+    libc.mallinfo2.restype = MallInfo2
+    assert cpu.kernel_available()
+    tensors = [torch.empty(3 << 20).fill_(1.) for _ in range(4)]  # 4 x 12 MB, written
+    del tensors
+    assert libc.mallinfo2().fordblks >= 40 << 20
 
 
 def test_kernel_can_be_turned_off(fresh_kernel, monkeypatch):
