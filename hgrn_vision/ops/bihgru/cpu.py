@@ -16,7 +16,6 @@ import subprocess
 import sysconfig
 import tempfile
 import warnings
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Optional
 
@@ -31,7 +30,6 @@ __all__ = ['bihgru_scan_cpu', 'kernel_available']
 _SOURCE = Path(__file__).with_name('cpu_scan.c')
 _FLAGS = ('-O3', '-shared', '-fPIC')
 _REALS = {torch.float32: 'float', torch.float64: 'double'}
-_MIN_PER_THREAD = 1 << 17  # scan elements (B N C) per thread: below it, waking a thread costs more than it saves
 
 
 def _cpu_id() -> str:
@@ -73,17 +71,19 @@ def _build(real: str) -> Path:
 
 
 def _keep_freed_memory() -> None:
-    """Fix glibc malloc's thresholds at the top of its own dynamic range: blocks up to 32 MB from the heap, and free
-    space at the heap's top given back to the system past 64 MB. Left dynamic, both follow the largest block handed
-    out so far; the mixer's tensors at 448 px, batch 4 (12 MB at most, about 40 MB per block) then pass the giving-back
-    threshold in every block, and each block's new tensors fault their pages in again: some 40,000 page faults and a
-    sixth of the time per hgrn_deit_tiny forward. No effect but on glibc."""
+    """Fix glibc malloc's thresholds: blocks up to 32 MB (its most) from the heap, and free space at the heap's top
+    given back to the system past 256 MB. Left dynamic, both follow the largest block mapped so far, and the mixer's
+    tensors (12 MB at most for hgrn_deit_tiny at 448 px, batch 4; 40 MB to 150 MB freed per block) pass the giving-back
+    threshold in every block: each block's new tensors fault their pages in again, a sixth of the time or more. Left
+    alone where the user set malloc's thresholds (MALLOC_*_ or GLIBC_TUNABLES); no effect but on glibc."""
     if platform.system() != 'Linux' or platform.libc_ver()[0] != 'glibc':
+        return
+    if 'GLIBC_TUNABLES' in os.environ or any(k.startswith('MALLOC_') and k.endswith('_') for k in os.environ):
         return
     mallopt = ctypes.CDLL(None).mallopt
     m_trim_threshold, m_mmap_threshold = -1, -3  # <malloc.h>
     mallopt(m_mmap_threshold, 32 << 20)
-    mallopt(m_trim_threshold, 64 << 20)
+    mallopt(m_trim_threshold, 256 << 20)
 
 
 @functools.lru_cache(maxsize=None)
@@ -98,38 +98,11 @@ def _library(real: str) -> Optional[ctypes.CDLL]:
                       'instead. Install a C compiler (or set CC) for the fast path, or set HGRN_VISION_CPU_KERNEL=0 '
                       'to silence this.', stacklevel=3)
         return None
-    ptr, size, csr = ctypes.c_void_p, ctypes.c_long, ctypes.c_uint
-    lib.bihgru_forward.argtypes = [size] * 3 + [ptr] * 5 + [size] * 3 + [csr]
-    lib.bihgru_backward.argtypes = [size] * 3 + [ptr] * 8 + [size] * 3 + [csr]
+    ptr, size = ctypes.c_void_p, ctypes.c_long
+    lib.bihgru_forward.argtypes = [size] * 3 + [ptr] * 5
+    lib.bihgru_backward.argtypes = [size] * 3 + [ptr] * 8
     lib.bihgru_forward.restype = lib.bihgru_backward.restype = None
-    lib.bihgru_max_width.argtypes, lib.bihgru_max_width.restype = [], size
-    lib.bihgru_csr.argtypes, lib.bihgru_csr.restype = [], csr
     return lib
-
-
-@functools.lru_cache(maxsize=None)
-def _workers(pid: int) -> ThreadPoolExecutor:
-    """The threads that share the kernel's work with the caller: one pool per process (a forked child makes its
-    own). ctypes lets go of the GIL during the calls."""
-    return ThreadPoolExecutor(max_workers=os.cpu_count() or 1, thread_name_prefix='hgrn_vision_scan')
-
-
-def _launch(lib: ctypes.CDLL, kernel, B: int, N: int, C: int, *ptrs) -> None:
-    """`kernel(B, N, C, *ptrs, width, begin, end, csr)` over its work items, (sequence, `width` channels) pairs,
-    shared among up to `torch.get_num_threads()` threads with the caller's floating-point control word (its denormal
-    flushing). Items are whole rows where there are sequences enough for the threads, else rows cut in parts."""
-    threads = max(1, min(torch.get_num_threads(), B * N * C // _MIN_PER_THREAD))
-    width = min(lib.bihgru_max_width(), -(-C // -(-threads // B)))
-    width = min(-(-width // 16) * 16, C)  # whole vectors
-    items = B * -(-C // width)
-    threads = min(threads, items)
-    bounds = [items * k // threads for k in range(threads + 1)]
-    csr = lib.bihgru_csr()
-    pool = _workers(os.getpid()) if threads > 1 else None
-    futures = [pool.submit(kernel, B, N, C, *ptrs, width, bounds[k], bounds[k + 1], csr) for k in range(1, threads)]
-    kernel(B, N, C, *ptrs, width, 0, bounds[1], csr)
-    for f in futures:
-        f.result()
 
 
 def kernel_available(dtype: torch.dtype = torch.float32) -> bool:
@@ -149,8 +122,8 @@ class _CpuScan(torch.autograd.Function):
         par = torch.stack([theta_f.cos(), theta_f.sin(), theta_r.cos(), theta_r.sin(), gamma])
         out = sig.new_empty(B, N, 2 * C)
         h = sig.new_empty(4, B, N, C) if keep else None
-        _launch(lib, lib.bihgru_forward, B, N, C, sig.data_ptr(), c.data_ptr(), par.data_ptr(), out.data_ptr(),
-                None if h is None else h.data_ptr())
+        lib.bihgru_forward(B, N, C, sig.data_ptr(), c.data_ptr(), par.data_ptr(), out.data_ptr(),
+                           None if h is None else h.data_ptr())
         ctx.save_for_backward(sig, c, par, h)
         return out
 
@@ -162,8 +135,8 @@ class _CpuScan(torch.autograd.Function):
         B, N, C = sig.shape
         grad = grad.contiguous()
         dsig, dc, dpar = torch.empty_like(sig), torch.empty_like(c), sig.new_empty(3, B, C)
-        _launch(lib, lib.bihgru_backward, B, N, C, sig.data_ptr(), c.data_ptr(), par.data_ptr(), h.data_ptr(),
-                grad.data_ptr(), dsig.data_ptr(), dc.data_ptr(), dpar.data_ptr())
+        lib.bihgru_backward(B, N, C, sig.data_ptr(), c.data_ptr(), par.data_ptr(), h.data_ptr(), grad.data_ptr(),
+                            dsig.data_ptr(), dc.data_ptr(), dpar.data_ptr())
         dtheta_f, dtheta_r, dgamma = dpar.sum(1)
         return dsig, dc, dgamma, dtheta_f, dtheta_r, None
 

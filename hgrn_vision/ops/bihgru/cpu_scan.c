@@ -1,9 +1,9 @@
 /* The bidirectional HGRU scan on the CPU: both directions' recurrences, forward and backward, in one pass each.
  *
  * Built by `cpu.py` at first use, once with -DREAL=float and once with -DREAL=double. Tensors are row-major, channels
- * innermost, so that the loops over a block of channels vectorise. The work is cut into items, (sequence, block of
- * `width` channels) pairs; `cpu.py` picks the width and shares ranges of items among threads. Whole rows are fastest
- * (long runs in memory, few calls); narrower blocks give threads work when there are fewer sequences than threads.
+ * innermost, so that the loops over the channels of a row vectorise; rows of more than MAX_WIDTH channels are cut in
+ * blocks. Whole rows are fastest (long runs in memory, few calls). One thread: the scan is bound by memory, and
+ * threads sharing it made the models no faster.
  *
  * From sig = sigmoid(z) (B, N, C) and c = silu(u) (B, N, 2C, (re, im) pairs): lam = gamma + (1 - gamma) sig,
  * v = (1 - lam) c, a = lam e^{i theta} the gate. hf / hr are the forward / reverse states, *_re / *_im the parts of a
@@ -11,11 +11,8 @@
  */
 #include <stddef.h>
 #include <string.h>
-#if defined(__SSE__)
-#include <xmmintrin.h>
-#endif
 
-#define MAX_WIDTH 512  /* channels of one work item at most */
+#define MAX_WIDTH 512  /* channels scanned together at most */
 
 typedef struct {
     long B, N, C;
@@ -140,44 +137,20 @@ static void backward_item(const args_t *p, long b, long c0, long w) {
     memcpy(p->dpar + (2 * p->B + b) * C + c0, dgamma, w * sizeof(REAL));
 }
 
-/* Items [begin, end) of the B * ceil(C / width) (sequence, block of channels) pairs, under the floating-point
- * control word `csr` (x86: a worker thread takes the caller's, so denormals flush as they do there). */
-static void run(const args_t *p, int backward, long width, long begin, long end, unsigned int csr) {
-#if defined(__SSE__)
-    const unsigned int own = _mm_getcsr();
-    _mm_setcsr(csr);
-#endif
-    const long blocks = (p->C + width - 1) / width;
-    for (long item = begin; item < end; item++) {
-        const long b = item / blocks, c0 = (item % blocks) * width, w = p->C - c0 < width ? p->C - c0 : width;
-        (backward ? backward_item : forward_item)(p, b, c0, w);
-    }
-#if defined(__SSE__)
-    _mm_setcsr(own);
-#endif
-    (void)csr;
+/* Every (sequence, block of MAX_WIDTH channels) item in turn. */
+static void run(const args_t *p, int backward) {
+    for (long b = 0; b < p->B; b++)
+        for (long c0 = 0; c0 < p->C; c0 += MAX_WIDTH)
+            (backward ? backward_item : forward_item)(p, b, c0, p->C - c0 < MAX_WIDTH ? p->C - c0 : MAX_WIDTH);
 }
 
-long bihgru_max_width(void) { return MAX_WIDTH; }
-
-unsigned int bihgru_csr(void) {
-#if defined(__SSE__)
-    return _mm_getcsr();
-#else
-    return 0;
-#endif
-}
-
-/* Work items [begin, end) of B * ceil(C / width), width <= MAX_WIDTH. */
-void bihgru_forward(long B, long N, long C, const REAL *sig, const REAL *c, const REAL *par, REAL *out, REAL *h,
-                    long width, long begin, long end, unsigned int csr) {
+void bihgru_forward(long B, long N, long C, const REAL *sig, const REAL *c, const REAL *par, REAL *out, REAL *h) {
     const args_t p = {B, N, C, sig, c, par, out, h, NULL, NULL, NULL};
-    run(&p, 0, width, begin, end, csr);
+    run(&p, 0);
 }
 
 void bihgru_backward(long B, long N, long C, const REAL *sig, const REAL *c, const REAL *par, const REAL *h,
-                     const REAL *grad, REAL *dsig, REAL *dc, REAL *dpar, long width, long begin, long end,
-                     unsigned int csr) {
+                     const REAL *grad, REAL *dsig, REAL *dc, REAL *dpar) {
     const args_t p = {B, N, C, sig, c, par, (REAL *)grad, (REAL *)h, dsig, dc, dpar};
-    run(&p, 1, width, begin, end, csr);
+    run(&p, 1);
 }
