@@ -223,6 +223,17 @@ def test_kernel_can_be_turned_off(fresh_kernel, monkeypatch):
 
 
 @pytest.mark.parametrize('impl', CPU_IMPLS)
+@pytest.mark.parametrize('B,N', [(0, 5), (2, 0)])
+def test_empty_inputs(impl, B, N, make_scan_inputs):
+    u, z, gamma, tf, tr = make_scan_inputs(2, 5, 3, requires_grad=True)
+    u_e, z_e = u[:B, :N], z[:B, :N]
+    out = bihgru_scan(u_e, z_e, gamma, tf, tr, impl=impl)
+    assert out.shape == (B, N, 6)
+    grads = torch.autograd.grad(out.sum(), (u, z, gamma, tf, tr), allow_unused=True, materialize_grads=True)
+    assert all(not g.any() for g in grads)
+
+
+@pytest.mark.parametrize('impl', CPU_IMPLS)
 def test_noncontiguous_inputs(impl, make_scan_inputs):
     u, z, gamma, tf, tr = make_scan_inputs(3, 11, 6, dtype=torch.float32)
     # views into a larger fused projection, as the mixer passes them

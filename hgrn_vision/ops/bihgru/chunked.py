@@ -186,6 +186,8 @@ def bihgru_scan_chunked(
     Computes in float32 (float64 for float64 inputs) and returns the dtype of `u`.
     """
     lam, c, w = gates(u, z, gamma)
+    if z.shape[1] == 0:  # no tokens to scan
+        return (c.flatten(2) * w.repeat_interleave(2, -1)).to(u.dtype)
     theta_f, theta_r = theta_f.to(lam.dtype), theta_r.to(lam.dtype)
     if torch.compiler.is_exporting() or torch.compiler.is_compiling():
         out = torch.cat(_bihgru_traced(lam, c[..., 0] * w, c[..., 1] * w, torch.stack([theta_f, theta_r])), -1)

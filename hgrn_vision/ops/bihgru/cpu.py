@@ -98,7 +98,7 @@ def _library(real: str) -> Optional[ctypes.CDLL]:
                       'instead. Install a C compiler (or set CC) for the fast path, or set HGRN_VISION_CPU_KERNEL=0 '
                       'to silence this.', stacklevel=3)
         return None
-    ptr, size = ctypes.c_void_p, ctypes.c_long
+    ptr, size = ctypes.c_void_p, ctypes.c_int64
     lib.bihgru_forward.argtypes = [size] * 3 + [ptr] * 5
     lib.bihgru_backward.argtypes = [size] * 3 + [ptr] * 8
     lib.bihgru_forward.restype = lib.bihgru_backward.restype = None

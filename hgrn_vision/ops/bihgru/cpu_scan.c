@@ -10,12 +10,13 @@
  * complex value, d* adjoints.
  */
 #include <stddef.h>
+#include <stdint.h>
 #include <string.h>
 
 #define MAX_WIDTH 512  /* channels scanned together at most */
 
 typedef struct {
-    long B, N, C;
+    int64_t B, N, C;
     const REAL *sig, *c, *par;  /* par (5, C): cos theta_f, sin theta_f, cos theta_r, sin theta_r, gamma */
     REAL *out;                  /* forward: (B, N, 2C) [Re h | Im h]; backward: the incoming gradient */
     REAL *h;                    /* (4, B, N, C) hf_re, hf_im, hr_re, hr_im, or NULL in inference */
@@ -28,10 +29,10 @@ static const REAL zeros[MAX_WIDTH];
 #define STEP static __attribute__((noinline)) void
 
 /* One token of one direction over w channels: h = a h + v; then o = h, or o += h. */
-STEP scan_step(long w, int add, const REAL *restrict sig, const REAL *restrict c, const REAL *restrict cs,
+STEP scan_step(int64_t w, int add, const REAL *restrict sig, const REAL *restrict c, const REAL *restrict cs,
                const REAL *restrict sn, const REAL *restrict gamma, REAL *restrict h_re, REAL *restrict h_im,
                REAL *restrict o_re, REAL *restrict o_im) {
-    for (long j = 0; j < w; j++) {
+    for (int64_t j = 0; j < w; j++) {
         const REAL lam = gamma[j] + (1 - gamma[j]) * sig[j], a_re = lam * cs[j], a_im = lam * sn[j], v = 1 - lam;
         const REAL re = a_re * h_re[j] - a_im * h_im[j] + v * c[2 * j];
         const REAL im = a_re * h_im[j] + a_im * h_re[j] + v * c[2 * j + 1];
@@ -44,16 +45,16 @@ STEP scan_step(long w, int add, const REAL *restrict sig, const REAL *restrict c
 
 /* Forward: hf_t = a_t hf_{t-1} + v_t over t = 0 .. N-1, then hr_t = a_t hr_{t+1} + v_t back, out = hf + hr; the
  * states kept in h when it is given. */
-static void forward_item(const args_t *p, long b, long c0, long w) {
-    const long N = p->N, C = p->C, NC = p->B * N * C;
+static void forward_item(const args_t *p, int64_t b, int64_t c0, int64_t w) {
+    const int64_t N = p->N, C = p->C, NC = p->B * N * C;
     const REAL *gamma = p->par + 4 * C + c0;
     REAL h_re[MAX_WIDTH], h_im[MAX_WIDTH];
     for (int reverse = 0; reverse < 2; reverse++) {
         const REAL *cs = p->par + 2 * reverse * C + c0, *sn = cs + C;
         memset(h_re, 0, sizeof h_re);
         memset(h_im, 0, sizeof h_im);
-        for (long n = 0; n < N; n++) {
-            const long t = reverse ? N - 1 - n : n, i = (b * N + t) * C + c0;
+        for (int64_t n = 0; n < N; n++) {
+            const int64_t t = reverse ? N - 1 - n : n, i = (b * N + t) * C + c0;
             REAL *o_re = p->out + (b * N + t) * 2 * C + c0;
             scan_step(w, reverse, p->sig + i, p->c + 2 * i, cs, sn, gamma, h_re, h_im, o_re, o_re + C);
             if (p->h) {
@@ -69,12 +70,12 @@ static void forward_item(const args_t *p, long b, long c0, long w) {
  * The first direction (add = 0) leaves its d in dc and its part of dlam in dsig. The second adds its own: dv = both
  * directions' d, dc = (1 - lam) dv, dlam = both parts - Re(dv conj(c)), then dsig = (1 - gamma) dlam and
  * dgamma += (1 - sig) dlam. */
-STEP adjoint_step(long w, int add, const REAL *restrict sig, const REAL *restrict c, const REAL *restrict cs,
+STEP adjoint_step(int64_t w, int add, const REAL *restrict sig, const REAL *restrict c, const REAL *restrict cs,
                          const REAL *restrict sn, const REAL *restrict gamma, const REAL *restrict g_re,
                          const REAL *restrict g_im, const REAL *restrict hp_re, const REAL *restrict hp_im,
                          REAL *restrict a_re, REAL *restrict a_im, REAL *restrict d_re, REAL *restrict d_im,
                          REAL *restrict dsig, REAL *restrict dc, REAL *restrict dtheta, REAL *restrict dgamma) {
-    for (long j = 0; j < w; j++) {
+    for (int64_t j = 0; j < w; j++) {
         const REAL re = a_re[j] * d_re[j] + a_im[j] * d_im[j] + g_re[j];
         const REAL im = a_re[j] * d_im[j] - a_im[j] * d_re[j] + g_im[j];
         const REAL lam = gamma[j] + (1 - gamma[j]) * sig[j];
@@ -84,7 +85,7 @@ STEP adjoint_step(long w, int add, const REAL *restrict sig, const REAL *restric
         a_im[j] = lam * sn[j];
     }
     if (add) {
-        for (long j = 0; j < w; j++) {
+        for (int64_t j = 0; j < w; j++) {
             const REAL da_re = d_re[j] * hp_re[j] + d_im[j] * hp_im[j];
             const REAL da_im = d_im[j] * hp_re[j] - d_re[j] * hp_im[j];
             const REAL dv_re = dc[2 * j] + d_re[j], dv_im = dc[2 * j + 1] + d_im[j];
@@ -97,7 +98,7 @@ STEP adjoint_step(long w, int add, const REAL *restrict sig, const REAL *restric
             dgamma[j] += (1 - sig[j]) * dlam;
         }
     } else {
-        for (long j = 0; j < w; j++) {
+        for (int64_t j = 0; j < w; j++) {
             const REAL da_re = d_re[j] * hp_re[j] + d_im[j] * hp_im[j];
             const REAL da_im = d_im[j] * hp_re[j] - d_re[j] * hp_im[j];
             dtheta[j] += da_im * a_re[j] - da_re * a_im[j];
@@ -110,22 +111,22 @@ STEP adjoint_step(long w, int add, const REAL *restrict sig, const REAL *restric
 
 /* Backward: the forward direction's adjoint dh_t = g_t + conj(a_{t+1}) dh_{t+1} from t = N-1 down, then the reverse
  * one's, dh_t = g_t + conj(a_{t-1}) dh_{t-1} from t = 0 up. */
-static void backward_item(const args_t *p, long b, long c0, long w) {
-    const long N = p->N, C = p->C, NC = p->B * N * C;
+static void backward_item(const args_t *p, int64_t b, int64_t c0, int64_t w) {
+    const int64_t N = p->N, C = p->C, NC = p->B * N * C;
     const REAL *gamma = p->par + 4 * C + c0;
     REAL d_re[MAX_WIDTH], d_im[MAX_WIDTH], a_re[MAX_WIDTH], a_im[MAX_WIDTH], dtheta[MAX_WIDTH], dgamma[MAX_WIDTH];
     memset(dgamma, 0, sizeof dgamma);
     for (int reverse = 0; reverse < 2; reverse++) {
         const REAL *cs = p->par + 2 * reverse * C + c0, *sn = cs + C;
         const REAL *h_re = p->h + 2 * reverse * NC, *h_im = h_re + NC;
-        const long before = reverse ? C : -C;  /* the state before a token in the direction's order */
+        const int64_t before = reverse ? C : -C;  /* the state before a token in the direction's order */
         memset(d_re, 0, sizeof d_re);
         memset(d_im, 0, sizeof d_im);
         memset(a_re, 0, sizeof a_re);  /* no token after the last */
         memset(a_im, 0, sizeof a_im);
         memset(dtheta, 0, sizeof dtheta);
-        for (long n = 0; n < N; n++) {
-            const long t = reverse ? n : N - 1 - n, i = (b * N + t) * C + c0;
+        for (int64_t n = 0; n < N; n++) {
+            const int64_t t = reverse ? n : N - 1 - n, i = (b * N + t) * C + c0;
             const REAL *g_re = p->out + (b * N + t) * 2 * C + c0;
             const int first = n == N - 1;  /* the direction's first token: the state before it is 0 */
             adjoint_step(w, reverse, p->sig + i, p->c + 2 * i, cs, sn, gamma, g_re, g_re + C,
@@ -139,17 +140,18 @@ static void backward_item(const args_t *p, long b, long c0, long w) {
 
 /* Every (sequence, block of MAX_WIDTH channels) item in turn. */
 static void run(const args_t *p, int backward) {
-    for (long b = 0; b < p->B; b++)
-        for (long c0 = 0; c0 < p->C; c0 += MAX_WIDTH)
+    for (int64_t b = 0; b < p->B; b++)
+        for (int64_t c0 = 0; c0 < p->C; c0 += MAX_WIDTH)
             (backward ? backward_item : forward_item)(p, b, c0, p->C - c0 < MAX_WIDTH ? p->C - c0 : MAX_WIDTH);
 }
 
-void bihgru_forward(long B, long N, long C, const REAL *sig, const REAL *c, const REAL *par, REAL *out, REAL *h) {
+void bihgru_forward(int64_t B, int64_t N, int64_t C, const REAL *sig, const REAL *c, const REAL *par, REAL *out,
+                    REAL *h) {
     const args_t p = {B, N, C, sig, c, par, out, h, NULL, NULL, NULL};
     run(&p, 0);
 }
 
-void bihgru_backward(long B, long N, long C, const REAL *sig, const REAL *c, const REAL *par, const REAL *h,
+void bihgru_backward(int64_t B, int64_t N, int64_t C, const REAL *sig, const REAL *c, const REAL *par, const REAL *h,
                      const REAL *grad, REAL *dsig, REAL *dc, REAL *dpar) {
     const args_t p = {B, N, C, sig, c, par, (REAL *)grad, (REAL *)h, dsig, dc, dpar};
     run(&p, 1);
