@@ -92,7 +92,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument('--shapes', nargs='+', type=_shape, default=None,
                    help='BxNxC (default 256x256x192 256x256x384 64x1024x384 16x5329x384 1x256x192)')
     p.add_argument('--dtypes', nargs='+', default=['bf16', 'fp32'], help='dtypes of u and z')
-    p.add_argument('--impls', nargs='+', default=None, help="default: every available impl but 'reference'")
+    p.add_argument('--impls', nargs='+', default=None,
+                   help="default: every available impl but 'reference' (and 'cpu' off the CPU)")
     p.add_argument('--no-torch', action='store_true', help="leave out the 'torch' impl")
     p.add_argument('--check', action='store_true',
                    help="also compare every impl with the 'torch' impl in float64 (output and five gradients)")

@@ -239,13 +239,13 @@ def benchmark_scan(
     `<name>.csv` (and `<name>_check.csv`) and `<name>.json` into `output_dir`.
 
     `shapes` default to `SCAN_SHAPES` on CUDA (`CPU_SHAPES` on the CPU), `impls` to every one of `scan_impls()` but
-    'reference', `ops` to both ('scan', 'mixer'; the float64 check covers the scan; baselines run the scan only);
-    `timing` (`time_fn` arguments) overrides `GPU_TIMING` / `CPU_TIMING`. An implementation that fails or runs out of
-    memory at a shape gives a row with its status.
+    'reference' (and the C kernel 'cpu' off the CPU), `ops` to both ('scan', 'mixer'; the float64 check covers the
+    scan; baselines run the scan only); `timing` (`time_fn` arguments) overrides `GPU_TIMING` / `CPU_TIMING`. An
+    implementation that fails or runs out of memory at a shape gives a row with its status.
     """
     dev = torch.device(device)
     shapes = [tuple(s) for s in (shapes or (SCAN_SHAPES if dev.type == 'cuda' else CPU_SHAPES))]
-    impls = list(impls or [i for i in scan_impls() if i != 'reference'])
+    impls = list(impls or [i for i in scan_impls() if i != 'reference' and (i != 'cpu' or dev.type == 'cpu')])
     unknown = [i for i in impls if i not in scan_impls()]
     if unknown:
         raise ValueError(f'Unknown scan impl(s) {unknown}; available: {scan_impls()}.')
