@@ -135,10 +135,12 @@ def test_low_memory_model_scripts_and_copies():
     assert not torch.allclose(clone(x), model(x))
 
 
-def test_model_compiles_on_cpu():
-    """torch.compile(fullgraph=True) traces the CPU model, the scan included, with the eager logits and gradients."""
+@pytest.mark.parametrize('scan_impl', ['torch', 'cpu'])
+def test_model_compiles_on_cpu(scan_impl):
+    """torch.compile(fullgraph=True) takes the CPU model whole, with the eager logits and gradients: the 'torch' scan
+    traced, the C kernel as an op of its own."""
     torch.manual_seed(0)
-    model = HgrnDeit(embed_dim=16, depth=2, num_classes=3, scan_impl='torch').double()
+    model = HgrnDeit(embed_dim=16, depth=2, num_classes=3, scan_impl=scan_impl).double()
     x = torch.randn(2, 3, 28, 42, dtype=torch.float64)
     torch._dynamo.reset()
     out = torch.compile(model, fullgraph=True, backend='aot_eager')(x)

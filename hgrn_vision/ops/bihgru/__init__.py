@@ -17,8 +17,9 @@ output has the dtype of `u`.
 
 Implementations (`impl=`):
   'reference'  step-by-step loop (`naive.py`): the ground truth, float64-capable, TorchScript-able, slow.
-  'torch'      chunked scan (`chunked.py`): any device, and the one torch.compile and the ONNX export trace.
-  'cpu'        C kernel (`cpu.py`, `cpu_scan.c`) built at first use by the system's C compiler: the CPU path.
+  'torch'      chunked scan (`chunked.py`): any device; traced by torch.compile, and by the ONNX export.
+  'cpu'        C kernel (`cpu.py`, `cpu_scan.c`) built at first use by the system's C compiler: the CPU path, an
+               op of its own under torch.compile; exported, the 'torch' scan.
   'triton'     the fused Triton op (`fused.py`; kernels in `fwd.py`, `fwd_onchip.py`, `bwd.py`), forward and
                backward, for CUDA (CPU under TRITON_INTERPRET=1).
 `impl=None` picks the best one available for the inputs' device.

@@ -4,7 +4,8 @@ tokens, vectorised over the channels, forward and backward.
 The kernel is built at first use by the system's C compiler (`$CC`, else `cc`) into a cache folder
 (`$HGRN_VISION_CACHE`, else `~/.cache/hgrn_vision`) and loaded with ctypes; it needs nothing from pip. Where it
 cannot be built, `kernel_available()` is False (with one warning saying why) and `impl=None` runs the PyTorch scan
-(`chunked.py`) instead. `HGRN_VISION_CPU_KERNEL=0` turns the kernel off.
+(`chunked.py`) instead. `HGRN_VISION_CPU_KERNEL=0` turns the kernel off. The kernel is a `torch.library` op, forward
+and backward, so torch.compile calls it inside one graph; the ONNX export writes the chunked scan instead.
 """
 import ctypes
 import functools
@@ -17,7 +18,7 @@ import sysconfig
 import tempfile
 import warnings
 from pathlib import Path
-from typing import Optional
+from typing import Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -105,54 +106,79 @@ def _library(real: str) -> Optional[ctypes.CDLL]:
     return lib
 
 
+@torch.compiler.assume_constant_result  # torch.compile calls it while tracing rather than tracing the build
 def kernel_available(dtype: torch.dtype = torch.float32) -> bool:
     """Whether the C kernel runs for CPU tensors computed in `dtype` (building it at the first call)."""
     return dtype in _REALS and _library(_REALS[dtype]) is not None
 
 
-class _CpuScan(torch.autograd.Function):
+def _sizes(sig: Tensor):
+    return (*sig.shape, _library(_REALS[sig.dtype]))
+
+
+@torch.library.custom_op('hgrn_vision::bihgru_scan_cpu', mutates_args=())
+def _scan_op(sig: Tensor, c: Tensor, gamma: Tensor, theta_f: Tensor, theta_r: Tensor, keep: bool
+             ) -> Tuple[Tensor, Tensor]:
     """`[Re h | Im h]` (B, N, 2C) from `sig = sigmoid(z)` (B, N, C), `c = silu(u)` (B, N, 2C) as (re, im) pairs, and
-    `gamma`, `theta_f`, `theta_r` (C,). `keep`: keep both directions' states for the backward."""
+    `gamma`, `theta_f`, `theta_r` (C,); and with `keep` both directions' states (4, B, N, C) for the backward (else an
+    empty tensor). An op of its own, so that torch.compile calls the kernel rather than tracing it."""
+    B, N, C, lib = _sizes(sig)
+    sig, c = sig.contiguous(), c.contiguous()
+    par = torch.stack([theta_f.cos(), theta_f.sin(), theta_r.cos(), theta_r.sin(), gamma])
+    out, h = sig.new_empty(B, N, 2 * C), sig.new_empty((4, B, N, C) if keep else (0,))
+    lib.bihgru_forward(B, N, C, sig.data_ptr(), c.data_ptr(), par.data_ptr(), out.data_ptr(),
+                       h.data_ptr() if keep else None)
+    return out, h
 
-    @staticmethod
-    def forward(ctx, sig, c, gamma, theta_f, theta_r, keep):
-        lib = _library(_REALS[sig.dtype])
-        B, N, C = sig.shape
-        sig, c = sig.contiguous(), c.contiguous()
-        par = torch.stack([theta_f.cos(), theta_f.sin(), theta_r.cos(), theta_r.sin(), gamma])
-        out = sig.new_empty(B, N, 2 * C)
-        h = sig.new_empty(4, B, N, C) if keep else None
-        lib.bihgru_forward(B, N, C, sig.data_ptr(), c.data_ptr(), par.data_ptr(), out.data_ptr(),
-                           None if h is None else h.data_ptr())
-        ctx.save_for_backward(sig, c, par, h)
-        return out
 
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, grad):
-        sig, c, par, h = ctx.saved_tensors
-        lib = _library(_REALS[sig.dtype])
-        B, N, C = sig.shape
-        grad = grad.contiguous()
-        dsig, dc, dpar = torch.empty_like(sig), torch.empty_like(c), sig.new_empty(3, B, C)
-        lib.bihgru_backward(B, N, C, sig.data_ptr(), c.data_ptr(), par.data_ptr(), h.data_ptr(), grad.data_ptr(),
-                            dsig.data_ptr(), dc.data_ptr(), dpar.data_ptr())
-        dtheta_f, dtheta_r, dgamma = dpar.sum(1)
-        return dsig, dc, dgamma, dtheta_f, dtheta_r, None
+@_scan_op.register_fake
+def _(sig, c, gamma, theta_f, theta_r, keep):
+    B, N, C = sig.shape
+    return sig.new_empty(B, N, 2 * C), sig.new_empty((4, B, N, C) if keep else (0,))
+
+
+@torch.library.custom_op('hgrn_vision::bihgru_scan_cpu_backward', mutates_args=())
+def _scan_backward_op(sig: Tensor, c: Tensor, gamma: Tensor, theta_f: Tensor, theta_r: Tensor, h: Tensor,
+                      grad: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
+    """The gradients of `sig`, `c` and, summed over the batch, of (theta_f, theta_r, gamma) as one (3, C) tensor."""
+    B, N, C, lib = _sizes(sig)
+    sig, c, grad = sig.contiguous(), c.contiguous(), grad.contiguous()
+    par = torch.stack([theta_f.cos(), theta_f.sin(), theta_r.cos(), theta_r.sin(), gamma])
+    dsig, dc, dpar = torch.empty_like(sig), torch.empty_like(c), sig.new_empty(3, B, C)
+    lib.bihgru_backward(B, N, C, sig.data_ptr(), c.data_ptr(), par.data_ptr(), h.data_ptr(), grad.data_ptr(),
+                        dsig.data_ptr(), dc.data_ptr(), dpar.data_ptr())
+    return dsig, dc, dpar.sum(1)
+
+
+@_scan_backward_op.register_fake
+def _(sig, c, gamma, theta_f, theta_r, h, grad):
+    return torch.empty_like(sig), torch.empty_like(c), sig.new_empty(3, sig.shape[-1])
+
+
+def _setup_context(ctx, inputs, output):
+    ctx.save_for_backward(*inputs[:5], output[1])
+
+
+def _backward(ctx, grad, _):
+    dsig, dc, dpar = _scan_backward_op(*ctx.saved_tensors, grad)
+    return dsig, dc, dpar[2], dpar[0], dpar[1], None
+
+
+_scan_op.register_autograd(_backward, setup_context=_setup_context)
 
 
 def bihgru_scan_cpu(u: Tensor, z: Tensor, gamma: Tensor, theta_f: Tensor, theta_r: Tensor) -> Tensor:
     """Bidirectional complex HGRU scan by the C kernel on CPU tensors (see `hgrn_vision.ops.bihgru_scan`), in float32
-    (float64 for float64 inputs); returns the dtype of `u`."""
+    (float64 for float64 inputs); returns the dtype of `u`. Exported (ONNX), it is the 'torch' scan's traced form."""
     if u.device.type != 'cpu':
         raise ValueError(f"bihgru_scan impl='cpu' runs on CPU tensors, got {u.device}; use impl=None.")
-    if torch.compiler.is_exporting() or torch.compiler.is_compiling():
-        return bihgru_scan_chunked(u, z, gamma, theta_f, theta_r)  # traced: ctypes calls do not trace
+    if torch.compiler.is_exporting():
+        return bihgru_scan_chunked(u, z, gamma, theta_f, theta_r)
     real = torch.float64 if u.dtype == torch.float64 else torch.float32
     if not kernel_available(real):
         raise RuntimeError("bihgru_scan impl='cpu': the C kernel could not be built on this machine (see the warning "
                            "above); use impl='torch' or impl=None.")
     params = [t.to(real) for t in (gamma, theta_f, theta_r)]
     keep = torch.is_grad_enabled() and any(t.requires_grad for t in (u, z, *params))
-    out = _CpuScan.apply(torch.sigmoid(z.to(real)), F.silu(u.to(real)), *params, keep)
+    out, _ = _scan_op(torch.sigmoid(z.to(real)), F.silu(u.to(real)), *params, keep)
     return out.to(u.dtype)
