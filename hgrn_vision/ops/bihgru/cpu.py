@@ -91,7 +91,6 @@ def _keep_freed_memory() -> None:
 def _library(real: str) -> Optional[ctypes.CDLL]:
     if os.environ.get('HGRN_VISION_CPU_KERNEL', '1') == '0':
         return None
-    _keep_freed_memory()
     try:
         lib = ctypes.CDLL(str(_build(real)))
     except (OSError, RuntimeError) as e:
@@ -99,6 +98,7 @@ def _library(real: str) -> Optional[ctypes.CDLL]:
                       'instead. Install a C compiler (or set CC) for the fast path, or set HGRN_VISION_CPU_KERNEL=0 '
                       'to silence this.', stacklevel=3)
         return None
+    _keep_freed_memory()
     ptr, size = ctypes.c_void_p, ctypes.c_int64
     lib.bihgru_forward.argtypes = [size] * 3 + [ptr] * 5
     lib.bihgru_backward.argtypes = [size] * 3 + [ptr] * 8
@@ -112,8 +112,10 @@ def kernel_available(dtype: torch.dtype = torch.float32) -> bool:
     return dtype in _REALS and _library(_REALS[dtype]) is not None
 
 
-def _sizes(sig: Tensor):
-    return (*sig.shape, _library(_REALS[sig.dtype]))
+def _kernel_args(sig: Tensor, gamma: Tensor, theta_f: Tensor, theta_r: Tensor):
+    """B, N, C, the library for sig's dtype and the kernel's per-channel parameters (5, C)."""
+    par = torch.stack([theta_f.cos(), theta_f.sin(), theta_r.cos(), theta_r.sin(), gamma])
+    return (*sig.shape, _library(_REALS[sig.dtype]), par)
 
 
 @torch.library.custom_op('hgrn_vision::bihgru_scan_cpu', mutates_args=())
@@ -122,9 +124,8 @@ def _scan_op(sig: Tensor, c: Tensor, gamma: Tensor, theta_f: Tensor, theta_r: Te
     """`[Re h | Im h]` (B, N, 2C) from `sig = sigmoid(z)` (B, N, C), `c = silu(u)` (B, N, 2C) as (re, im) pairs, and
     `gamma`, `theta_f`, `theta_r` (C,); and with `keep` both directions' states (4, B, N, C) for the backward (else an
     empty tensor). An op of its own, so that torch.compile calls the kernel rather than tracing it."""
-    B, N, C, lib = _sizes(sig)
+    B, N, C, lib, par = _kernel_args(sig, gamma, theta_f, theta_r)
     sig, c = sig.contiguous(), c.contiguous()
-    par = torch.stack([theta_f.cos(), theta_f.sin(), theta_r.cos(), theta_r.sin(), gamma])
     out, h = sig.new_empty(B, N, 2 * C), sig.new_empty((4, B, N, C) if keep else (0,))
     lib.bihgru_forward(B, N, C, sig.data_ptr(), c.data_ptr(), par.data_ptr(), out.data_ptr(),
                        h.data_ptr() if keep else None)
@@ -141,9 +142,8 @@ def _(sig, c, gamma, theta_f, theta_r, keep):
 def _scan_backward_op(sig: Tensor, c: Tensor, gamma: Tensor, theta_f: Tensor, theta_r: Tensor, h: Tensor,
                       grad: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
     """The gradients of `sig`, `c` and, summed over the batch, of (theta_f, theta_r, gamma) as one (3, C) tensor."""
-    B, N, C, lib = _sizes(sig)
+    B, N, C, lib, par = _kernel_args(sig, gamma, theta_f, theta_r)
     sig, c, grad = sig.contiguous(), c.contiguous(), grad.contiguous()
-    par = torch.stack([theta_f.cos(), theta_f.sin(), theta_r.cos(), theta_r.sin(), gamma])
     dsig, dc, dpar = torch.empty_like(sig), torch.empty_like(c), sig.new_empty(3, B, C)
     lib.bihgru_backward(B, N, C, sig.data_ptr(), c.data_ptr(), par.data_ptr(), h.data_ptr(), grad.data_ptr(),
                         dsig.data_ptr(), dc.data_ptr(), dpar.data_ptr())
