@@ -104,7 +104,7 @@ def test_chunked_scan_traced(N, make_scan_inputs):
 @pytest.mark.parametrize('impl', CPU_IMPLS)
 @pytest.mark.parametrize('B,N,C', [(1, 1, 4), (2, 37, 5), (3, 64, 130), (1, 300, 8)])
 def test_float32_matches_reference_with_grads(impl, B, N, C, make_scan_inputs, rel_err):
-    """float32 against float64; C = 130 spans the C kernel's blocks of channels with a partial last one."""
+    """float32 against float64; C = 130, not a multiple of the C kernel's vector width."""
     f32_in = make_scan_inputs(B, N, C, dtype=torch.float32, seed=B * N + C, requires_grad=True)
     ref_in = [t.detach().double().requires_grad_(True) for t in f32_in]  # the same (rounded) inputs in float64
     ref = bihgru_scan_reference(*ref_in)

@@ -34,7 +34,7 @@ import torch
 import torch.nn.functional as F
 from timm.layers import register_notrace_function
 
-from .chunked import bihgru_scan_chunked
+from .chunked import bihgru_scan_chunked, real_dtype
 from .cpu import bihgru_scan_cpu, kernel_available
 from .naive import bihgru_scan_reference
 
@@ -64,7 +64,7 @@ def default_impl(x: torch.Tensor) -> str:
     compute in float32 whatever the input dtype); the C kernel 'cpu' on the CPU where it can be built; else 'torch'."""
     if x.is_cuda and x.dtype != torch.float64 and 'triton' in _IMPLS:
         return 'triton'
-    if x.device.type == 'cpu' and kernel_available(torch.float64 if x.dtype == torch.float64 else torch.float32):
+    if x.device.type == 'cpu' and kernel_available(real_dtype(x.dtype)):
         return 'cpu'
     return 'torch'
 

@@ -20,7 +20,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-__all__ = ['bihgru_scan_chunked', 'gates']
+__all__ = ['bihgru_scan_chunked', 'real_dtype']
 
 TRACED_CHUNK = 16  # chunk length of the traced scan: its steps are unrolled
 
@@ -164,14 +164,9 @@ def _bihgru_traced(lam, v_re, v_im, theta):
     return out
 
 
-def gates(u: torch.Tensor, z: torch.Tensor, gamma: torch.Tensor):
-    """The scan's gates from its inputs, in float32 (float64 for float64 inputs): the magnitude `lam` (B, N, C), the
-    input `c` (B, N, C, 2) as (re, im) pairs and its weight `w = 1 - lam`."""
-    real_dtype = torch.float64 if u.dtype == torch.float64 else torch.float32
-    B, N, C = z.shape
-    g = gamma.to(real_dtype)
-    lam = g + (1. - g) * torch.sigmoid(z.to(real_dtype))
-    return lam, F.silu(u.to(real_dtype)).view(B, N, C, 2), 1. - lam
+def real_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype the CPU scans compute in for inputs of `dtype`: float64 for float64, else float32."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 def bihgru_scan_chunked(
@@ -185,10 +180,14 @@ def bihgru_scan_chunked(
 
     Computes in float32 (float64 for float64 inputs) and returns the dtype of `u`.
     """
-    lam, c, w = gates(u, z, gamma)
-    if z.shape[1] == 0:  # no tokens to scan
+    real = real_dtype(u.dtype)
+    B, N, C = z.shape
+    g = gamma.to(real)
+    lam = g + (1. - g) * torch.sigmoid(z.to(real))
+    c, w = F.silu(u.to(real)).view(B, N, C, 2), 1. - lam  # c: interleaved (re, im) pairs
+    if N == 0:  # no tokens to scan
         return (c.flatten(2) * w.repeat_interleave(2, -1)).to(u.dtype)
-    theta_f, theta_r = theta_f.to(lam.dtype), theta_r.to(lam.dtype)
+    theta_f, theta_r = theta_f.to(real), theta_r.to(real)
     if torch.compiler.is_exporting() or torch.compiler.is_compiling():
         out = torch.cat(_bihgru_traced(lam, c[..., 0] * w, c[..., 1] * w, torch.stack([theta_f, theta_r])), -1)
     else:

@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .chunked import bihgru_scan_chunked
+from .chunked import bihgru_scan_chunked, real_dtype
 
 __all__ = ['bihgru_scan_cpu', 'kernel_available']
 
@@ -174,7 +174,7 @@ def bihgru_scan_cpu(u: Tensor, z: Tensor, gamma: Tensor, theta_f: Tensor, theta_
         raise ValueError(f"bihgru_scan impl='cpu' runs on CPU tensors, got {u.device}; use impl=None.")
     if torch.compiler.is_exporting():
         return bihgru_scan_chunked(u, z, gamma, theta_f, theta_r)
-    real = torch.float64 if u.dtype == torch.float64 else torch.float32
+    real = real_dtype(u.dtype)
     if not kernel_available(real):
         raise RuntimeError("bihgru_scan impl='cpu': the C kernel could not be built on this machine (see the warning "
                            "above); use impl='torch' or impl=None.")
