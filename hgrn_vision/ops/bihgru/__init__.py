@@ -34,12 +34,12 @@ import torch
 import torch.nn.functional as F
 from timm.layers import register_notrace_function
 
-from .chunked import bihgru_scan_chunked, real_dtype
+from .chunked import bihgru_scan_chunked, is_exporting, real_dtype
 from .cpu import bihgru_scan_cpu, kernel_available
 from .naive import bihgru_scan_reference
 
 __all__ = ['bihgru_scan', 'bihgru_scan_norm_gate', 'bihgru_scan_reference', 'bihgru_scan_chunked', 'available_impls',
-           'default_impl']
+           'default_impl', 'is_exporting']
 
 _IMPLS: Dict[str, Callable[..., torch.Tensor]] = {
     'reference': bihgru_scan_reference,

@@ -20,9 +20,15 @@ import math
 import torch
 import torch.nn.functional as F
 
-__all__ = ['bihgru_scan_chunked', 'real_dtype']
+__all__ = ['bihgru_scan_chunked', 'is_exporting', 'real_dtype']
 
 TRACED_CHUNK = 16  # chunk length of the traced scan: its steps are unrolled
+
+
+def is_exporting() -> bool:
+    """Whether torch.export is tracing the code, where torch.compile is not: torch 2.11's dynamo folds
+    `torch.compiler.is_exporting()` to True while it compiles."""
+    return torch.compiler.is_exporting() and not torch.compiler.is_dynamo_compiling()
 
 
 def _scan(a: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
@@ -136,7 +142,7 @@ def _bihgru_traced(lam, v_re, v_im, theta):
     for t in range(1, L):
         end, prod = _cmuladd(a[t], end, v[t]), _cmul(a[t], prod)
 
-    if torch.compiler.is_exporting():
+    if is_exporting():
         from torch._higher_order_ops.scan import scan
 
         def carry_step(carry, x):  # the state entering a chunk -> the state entering the next, and the first
@@ -188,7 +194,7 @@ def bihgru_scan_chunked(
     if N == 0:  # no tokens to scan
         return (c.flatten(2) * w.repeat_interleave(2, -1)).to(u.dtype)
     theta_f, theta_r = theta_f.to(real), theta_r.to(real)
-    if torch.compiler.is_exporting() or torch.compiler.is_compiling():
+    if torch.compiler.is_compiling():  # torch.compile and torch.export
         out = torch.cat(_bihgru_traced(lam, c[..., 0] * w, c[..., 1] * w, torch.stack([theta_f, theta_r])), -1)
     else:
         one = torch.ones_like(theta_f)

@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .chunked import bihgru_scan_chunked, real_dtype
+from .chunked import bihgru_scan_chunked, is_exporting, real_dtype
 
 __all__ = ['bihgru_scan_cpu', 'kernel_available']
 
@@ -172,7 +172,7 @@ def bihgru_scan_cpu(u: Tensor, z: Tensor, gamma: Tensor, theta_f: Tensor, theta_
     (float64 for float64 inputs); returns the dtype of `u`. Exported (ONNX), it is the 'torch' scan's traced form."""
     if u.device.type != 'cpu':
         raise ValueError(f"bihgru_scan impl='cpu' runs on CPU tensors, got {u.device}; use impl=None.")
-    if torch.compiler.is_exporting():
+    if is_exporting():
         return bihgru_scan_chunked(u, z, gamma, theta_f, theta_r)
     real = real_dtype(u.dtype)
     if not kernel_available(real):
