@@ -6,7 +6,7 @@ import torch.nn.functional as F
 from timm.layers import register_notrace_module
 from torch import nn
 
-from hgrn_vision.ops import bihgru_scan_norm_gate, bihgru_scan_reference
+from hgrn_vision.ops import bihgru_scan, bihgru_scan_norm_gate, bihgru_scan_reference, is_exporting
 
 from .linear import bias_through_op, linear_params, project, uses_triton
 
@@ -60,10 +60,10 @@ class HgruMixer(nn.Module):
             x: tokens (B, N, C), or with `low_memory` in_proj's output (B, N, 5C).
             lower_bound: the forget gate's lower bound gamma (C,).
         """
-        if torch.jit.is_scripting():  # the scriptable reference scan; the norm before runs no in_proj here
-            u, z, g = self.in_proj(x).split([2 * self.dim, self.dim, 2 * self.dim], dim=-1)
-            h = bihgru_scan_reference(u, z, lower_bound, self.theta_forward, self.theta_reverse)
-            return self.out_proj(self.norm(h) * F.silu(g))
+        if torch.jit.is_scripting():
+            return self._forward_unfused(x, lower_bound)
+        if is_exporting():
+            return self._forward_unfused(x, lower_bound)
         bias_to_op = bias_through_op(self.in_proj, self.scan_impl, x)
         if self.low_memory:
             in_bias = self.in_proj.bias if bias_to_op else None
@@ -76,3 +76,16 @@ class HgruMixer(nn.Module):
             return bihgru_scan_norm_gate(*args, in_bias=in_bias, out_weight=weight, out_bias=bias,
                                          impl=self.scan_impl)
         return out_proj(bihgru_scan_norm_gate(*args, in_bias=in_bias, impl=self.scan_impl))
+
+    def _forward_unfused(self, x: torch.Tensor, lower_bound: torch.Tensor) -> torch.Tensor:
+        """The mixer op by op, from the tokens (the norm before runs no in_proj here), for TorchScript (the reference
+        scan) and torch.export: in_proj runs as its three projections, which onnxruntime writes apart where it
+        would copy one output apart."""
+        sizes = [2 * self.dim, self.dim, 2 * self.dim]
+        weights, biases = self.in_proj.weight.split(sizes), self.in_proj.bias.split(sizes)
+        u, z, g = [F.linear(x, w, b) for w, b in zip(weights, biases)]
+        if torch.jit.is_scripting():
+            h = bihgru_scan_reference(u, z, lower_bound, self.theta_forward, self.theta_reverse)
+        else:
+            h = bihgru_scan(u, z, lower_bound, self.theta_forward, self.theta_reverse, impl=self.scan_impl)
+        return self.out_proj(self.norm(h) * F.silu(g))

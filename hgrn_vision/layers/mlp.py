@@ -6,7 +6,7 @@ import torch.nn.functional as F
 from timm.layers import GluMlp, register_notrace_module
 from torch import nn
 
-from hgrn_vision.ops import silu_glu_linear
+from hgrn_vision.ops import is_exporting, silu_glu_linear
 
 from .linear import bias_through_op, linear_params, project, uses_triton
 
@@ -35,9 +35,10 @@ class SiluGluMlp(GluMlp):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x (..., C), or with `low_memory` fc1's output (..., hidden)."""
-        if torch.jit.is_scripting():  # GluMlp's forward, written out (TorchScript has no super()); the norm before
-            a, b = self.fc1(x).chunk(2, dim=-1)  # runs no fc1 here
-            return self.drop2(self.fc2(self.norm(self.drop1(F.silu(a) * b))))
+        if torch.jit.is_scripting():
+            return self._forward_unfused(x)
+        if is_exporting():
+            return self._forward_unfused(x)
         fc2 = self.fc2
         fused = type(fc2) is nn.Linear and type(self.norm) is nn.Identity and \
             (self.drop1.p == 0. or not self.training) and uses_triton(self.impl, x)
@@ -51,3 +52,13 @@ class SiluGluMlp(GluMlp):
             x = x + (in_bias - in_bias.detach())
         a, b = x.chunk(2, dim=-1)  # GluMlp's forward after fc1
         return self.drop2(fc2(self.norm(self.drop1(F.silu(a) * b))))
+
+    def _forward_unfused(self, x: torch.Tensor) -> torch.Tensor:
+        """GluMlp's forward written out (TorchScript has no super()), from the tokens (the norm before runs no fc1
+        here), for TorchScript and torch.export: fc1 runs as its two halves, which onnxruntime writes apart where it
+        would copy one output apart."""
+        wa, wb = self.fc1.weight.chunk(2)
+        bias = self.fc1.bias
+        ba, bb = (None, None) if bias is None else bias.chunk(2)
+        a, b = F.linear(x, wa, ba), F.linear(x, wb, bb)
+        return self.drop2(self.fc2(self.norm(self.drop1(F.silu(a) * b))))

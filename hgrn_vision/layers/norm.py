@@ -6,7 +6,7 @@ import torch.nn.functional as F
 from timm.layers import register_notrace_module
 from torch import nn
 
-from hgrn_vision.ops import layer_norm_linear
+from hgrn_vision.ops import is_exporting, layer_norm_linear
 
 from .linear import autocast_dtype, bias_through_op, linear_params
 
@@ -18,8 +18,8 @@ class LayerNormLinear(nn.LayerNorm):
 
     On the Triton path both run as one op (`layer_norm_linear`) whose backward writes the norm's output again instead
     of keeping it, and the Linear's bias is added detached: its gradient comes from the fused op its output feeds
-    (`bias_through_op`). Elsewhere the norm and the Linear run one after the other. Under TorchScript it is a plain
-    LayerNorm and the owner runs its Linear.
+    (`bias_through_op`). Elsewhere the norm and the Linear run one after the other. Under TorchScript and
+    torch.export it is a plain LayerNorm and the owner runs its Linear.
     """
 
     def __init__(self, dim: int, linear: nn.Module, impl: Optional[str] = None, eps: float = 1e-5, device=None,
@@ -38,6 +38,8 @@ class LayerNormLinear(nn.LayerNorm):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if torch.jit.is_scripting():
             return F.layer_norm(x, self.normalized_shape, self.weight, self.bias, self.eps)
+        if is_exporting():
+            return super().forward(x)
         return self._norm_linear(x)
 
     @torch.jit.unused

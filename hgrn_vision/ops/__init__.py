@@ -7,6 +7,7 @@ from .bihgru import (
     bihgru_scan_norm_gate,
     bihgru_scan_reference,
     default_impl,
+    is_exporting,
 )
 from .glu import silu_glu_linear
 from .norm_linear import layer_norm_linear
