@@ -222,7 +222,7 @@ def test_kernel_can_be_turned_off(fresh_kernel, monkeypatch):
     assert not list(fresh_kernel.iterdir())
 
 
-@pytest.mark.parametrize('impl', CPU_IMPLS)
+@pytest.mark.parametrize('impl', ('reference', *CPU_IMPLS))
 @pytest.mark.parametrize('B,N', [(0, 5), (2, 0)])
 def test_empty_inputs(impl, B, N, make_scan_inputs):
     u, z, gamma, tf, tr = make_scan_inputs(2, 5, 3, requires_grad=True)

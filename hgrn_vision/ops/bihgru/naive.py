@@ -30,6 +30,8 @@ def bihgru_scan_reference(
     cr, sr = torch.cos(theta_r.to(compute_dtype)), torch.sin(theta_r.to(compute_dtype))
 
     B, N, C = z.shape
+    if N == 0:  # no tokens to scan: an empty output, still part of the inputs' graph
+        return torch.cat([v_re, v_im], -1).to(u.dtype)
     # forward direction: hf_t = lam_t e^{i theta_f} hf_{t-1} + v_t
     h_re = torch.zeros(B, C, dtype=compute_dtype, device=u.device)
     h_im = torch.zeros(B, C, dtype=compute_dtype, device=u.device)
