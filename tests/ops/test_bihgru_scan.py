@@ -7,7 +7,14 @@ import platform
 import pytest
 import torch
 
-from hgrn_vision.ops import available_impls, bihgru_scan, bihgru_scan_chunked, bihgru_scan_reference, default_impl
+from hgrn_vision.ops import (
+    available_impls,
+    bihgru_scan,
+    bihgru_scan_chunked,
+    bihgru_scan_reference,
+    default_impl,
+    is_exporting,
+)
 from hgrn_vision.ops.bihgru import cpu
 
 CPU_IMPLS = ('torch', 'cpu')  # the two fast CPU paths, tested alike
@@ -263,3 +270,17 @@ def test_bad_inputs(make_scan_inputs):
         bihgru_scan(u, z.double(), gamma, tf, tr)
     with pytest.raises(ValueError, match='Unknown bihgru_scan impl'):
         bihgru_scan(u, z, gamma, tf, tr, impl='cuda')
+
+
+class _ExportProbe(torch.nn.Module):
+    def forward(self, x):
+        return x + 1 if is_exporting() else x - 1
+
+
+def test_is_exporting_under_export_not_compile():
+    """True under torch.export, False under torch.compile (where torch 2.11's `torch.compiler.is_exporting()` is True
+    too): the export-only paths (the chunks' `scan` op, in_proj apart) must not run in a compiled model."""
+    x = torch.zeros(2)
+    assert torch.export.export(_ExportProbe(), (x,), strict=False).module()(x).tolist() == [1., 1.]
+    assert torch.compile(_ExportProbe(), backend='eager', fullgraph=True)(x).tolist() == [-1., -1.]
+    assert _ExportProbe()(x).tolist() == [-1., -1.]

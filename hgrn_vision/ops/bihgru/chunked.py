@@ -26,8 +26,9 @@ TRACED_CHUNK = 16  # chunk length of the traced scan: its steps are unrolled
 
 
 def is_exporting() -> bool:
-    """Whether torch.export is tracing the code, where torch.compile is not: torch 2.11's dynamo folds
-    `torch.compiler.is_exporting()` to True while it compiles."""
+    """Whether torch.export is tracing the code (non-strict, as `torch.onnx.export` does), where torch.compile is not:
+    torch 2.11's dynamo folds `torch.compiler.is_exporting()` to True while it compiles. A strict export, traced by
+    dynamo, counts as compiling."""
     return torch.compiler.is_exporting() and not torch.compiler.is_dynamo_compiling()
 
 
