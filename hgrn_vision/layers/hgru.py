@@ -62,7 +62,7 @@ class HgruMixer(nn.Module):
         """
         if torch.jit.is_scripting():
             return self._forward_unfused(x, lower_bound)
-        if is_exporting():
+        if is_exporting():  # a branch of its own: TorchScript would compile it in an `or`
             return self._forward_unfused(x, lower_bound)
         bias_to_op = bias_through_op(self.in_proj, self.scan_impl, x)
         if self.low_memory:

@@ -37,7 +37,7 @@ class SiluGluMlp(GluMlp):
         """x (..., C), or with `low_memory` fc1's output (..., hidden)."""
         if torch.jit.is_scripting():
             return self._forward_unfused(x)
-        if is_exporting():
+        if is_exporting():  # a branch of its own: TorchScript would compile it in an `or`
             return self._forward_unfused(x)
         fc2 = self.fc2
         fused = type(fc2) is nn.Linear and type(self.norm) is nn.Identity and \

@@ -38,7 +38,7 @@ class LayerNormLinear(nn.LayerNorm):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if torch.jit.is_scripting():
             return F.layer_norm(x, self.normalized_shape, self.weight, self.bias, self.eps)
-        if is_exporting():
+        if is_exporting():  # a branch of its own: TorchScript would compile it in an `or`
             return super().forward(x)
         return self._norm_linear(x)
 
